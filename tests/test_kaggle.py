@@ -1,0 +1,109 @@
+"""The Kaggle side: kernel metadata passes the kaggle CLI's own validation, the push script's dry run, and the
+kernel notebook run headless (execnb) on a fake `/kaggle/input` built from the synthetic dataset."""
+import json, os, shutil, subprocess, sys, textwrap
+from pathlib import Path
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+KAGGLE = REPO / 'kaggle'
+NB = KAGGLE / 'codseg-train.ipynb'
+sys.path.insert(0, str(KAGGLE))
+import push  # kaggle/push.py
+
+# --- kernel-metadata.json through the kaggle CLI's validation -------------------------------------------------
+# `KaggleApi.kernels_push` validates the metadata and the notebook, then opens a client and sends the request.
+# The check runs it in a fresh process with a fake credentials file, sockets disabled, and the client replaced by
+# one that records the request and stops: everything up to the network call is the CLI's own code.
+VALIDATE = textwrap.dedent('''
+    import json, socket, sys
+    def no_net(*a, **k): raise OSError('network disabled in this test')
+    socket.socket.connect = socket.create_connection = no_net
+    from kaggle.api.kaggle_api_extended import KaggleApi
+    class Sent(Exception): pass
+    class Client:
+        def __enter__(self): return self
+        def __exit__(self, *a): return False
+        def save_kernel(self, req): raise Sent(req)
+        @property
+        def kernels(self): return type('K', (), {'kernels_api_client': self})()
+    api = KaggleApi(); api.build_kaggle_client = Client
+    try: api.kernels_push(sys.argv[1]); print('NOT SENT')
+    except Sent as e:
+        r = e.args[0]
+        print(json.dumps(dict(slug=r.slug, title=r.new_title, language=r.language, kernel_type=r.kernel_type,
+            enable_gpu=r.enable_gpu, enable_internet=r.enable_internet, machine_shape=r.machine_shape,
+            datasets=list(r.dataset_data_sources), kernels=list(r.kernel_data_sources), text=r.text)))
+''')
+
+def kaggle_validate(folder, tmp_path):
+    "Run the kaggle CLI's push validation on `folder`; (returncode, request dict or None, stderr)."
+    cfg = tmp_path / 'kaggle-config'; cfg.mkdir(exist_ok=True)
+    (cfg / 'kaggle.json').write_text(json.dumps({'username': 'codseg-ci', 'key': '0' * 32}))
+    (cfg / 'kaggle.json').chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if not k.startswith('KAGGLE_')}
+    env.update(HOME=str(tmp_path), KAGGLE_CONFIG_DIR=str(cfg))
+    r = subprocess.run([sys.executable, '-c', VALIDATE, str(folder)], capture_output=True, text=True, env=env,
+                       timeout=120)
+    last = r.stdout.strip().splitlines()[-1:] if r.stdout.strip() else []
+    req = json.loads(last[0]) if last and last[0].startswith('{') else None
+    return r.returncode, req, r.stderr
+
+def test_metadata_passes_kaggle_validation(tmp_path):
+    rc, req, err = kaggle_validate(KAGGLE, tmp_path)
+    assert rc == 0 and req is not None, err
+    assert (req['language'], req['kernel_type']) == ('python', 'notebook')
+    assert req['enable_gpu'] is True and req['machine_shape'] == 'NvidiaTeslaT4'
+    assert isinstance(req['enable_internet'], bool)
+    meta = json.loads((KAGGLE / 'kernel-metadata.json').read_text())
+    assert 'enable_internet' in meta, 'the internet setting must be explicit'
+    assert [s.split('/')[1] for s in req['datasets']] == ['cod10k-dataset', 'codseg-wheel']
+    nb = json.loads(req['text'])  # the notebook as sent: cells without outputs
+    assert any(c['source'].startswith('# parameters') for c in nb['cells'])
+
+def test_metadata_rejects_bad_settings(tmp_path):
+    "The validation used above does reject bad metadata (so passing it means something)."
+    for bad in ({'kernel_type': 'dashboard'}, {'language': 'julia'}, {'dataset_sources': ['no-owner']},
+                {'code_file': 'missing.ipynb'}):
+        d = tmp_path / f'k{len(list(tmp_path.iterdir()))}'; d.mkdir()
+        shutil.copy(NB, d / NB.name)
+        meta = {**json.loads((KAGGLE / 'kernel-metadata.json').read_text()), **bad}
+        (d / 'kernel-metadata.json').write_text(json.dumps(meta))
+        rc, req, err = kaggle_validate(d, tmp_path)
+        assert rc != 0 and req is None and 'ValueError' in err, f'{bad} was accepted: {err}'
+
+def test_committed_notebook_is_clean():
+    nb = json.loads(NB.read_text())
+    code = [c for c in nb['cells'] if c['cell_type'] == 'code']
+    assert all(not c['outputs'] and c['execution_count'] is None for c in code)
+    assert sum(''.join(c['source']).startswith('# parameters') for c in code) == 1
+    secrets = ('"key"', 'KAGGLE_KEY=', 'KAGGLE_API_TOKEN=')
+    for f in KAGGLE.iterdir():
+        if f.is_file(): assert not any(s in f.read_text() for s in secrets), f'{f.name} looks like it holds a secret'
+
+# --- the push script ----------------------------------------------------------------------------------------------
+def test_push_dry_run(tmp_path):
+    build = tmp_path / 'build'
+    r = subprocess.run([sys.executable, str(KAGGLE / 'push.py'), '--dry-run', '--user', 'alice', '--no-internet',
+                        '--resume-from-kernel', '--wait', '--output', str(tmp_path / 'out'), '--build-dir', str(build)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    cmds = [l[2:] for l in r.stdout.splitlines() if l.startswith('$ ')]
+    order = ['pip wheel --no-deps', 'kaggle datasets status alice/codseg-wheel', 'kaggle datasets create',
+             'kaggle kernels push -p', 'kaggle kernels status alice/codseg-train', 'kaggle kernels output']
+    pos = [next((i for i, c in enumerate(cmds) if o in c), None) for o in order]
+    assert None not in pos and pos == sorted(pos), cmds
+    assert not (build / 'wheel').exists(), 'a dry run builds nothing'
+    meta = json.loads((build / 'kernel' / 'kernel-metadata.json').read_text())
+    assert meta['id'] == 'alice/codseg-train' and meta['enable_internet'] is False
+    assert meta['dataset_sources'] == ['alice/cod10k-dataset', 'alice/codseg-wheel']
+    assert meta['kernel_sources'] == ['alice/codseg-train']
+    rc, req, err = kaggle_validate(build / 'kernel', tmp_path)  # what would be pushed passes validation too
+    assert rc == 0 and req['slug'] == 'alice/codseg-train', err
+
+def test_push_metadata_choices():
+    meta = json.loads((KAGGLE / 'kernel-metadata.json').read_text())
+    m = push.kernel_metadata(meta, 'bob', cod10k='carol/cod10k-v3', wheel='dave/wheels', internet=True)
+    assert m['dataset_sources'] == ['carol/cod10k-v3', 'dave/wheels'] and m['enable_internet'] is True
+    assert m['kernel_sources'] == [] and meta['id'].startswith(push.PLACEHOLDER), 'the input is left unchanged'
+    w = push.wheel_metadata('bob/codseg-wheel')
+    assert w['id'] == 'bob/codseg-wheel' and 6 <= len(w['title']) <= 50 and len(w['licenses']) == 1
