@@ -107,3 +107,75 @@ def test_push_metadata_choices():
     assert m['kernel_sources'] == [] and meta['id'].startswith(push.PLACEHOLDER), 'the input is left unchanged'
     w = push.wheel_metadata('bob/codseg-wheel')
     assert w['id'] == 'bob/codseg-wheel' and 6 <= len(w['title']) <= 50 and len(w['licenses']) == 1
+
+# --- the kernel notebook, headless on a fake /kaggle/input ---------------------------------------------------------
+TINY = dict(backbone='edgenext_xx_small', pretrained=False, img_size=64, epochs=2, stage1_epochs=1, batch_size=4,
+            accumulation_steps=1, num_workers=0, num_experts=2, seed=0)
+
+def fake_kaggle(root: Path, n=16, previous: Path = None):
+    "A fake `/kaggle/input` (the synthetic dataset in COD10K-v3 layout, optionally a previous session's output) and working dir."
+    from codseg.synthetic import write_synthetic
+    inp, work = root / 'input', root / 'working'
+    write_synthetic(inp / 'cod10k-dataset' / 'COD10K-v3', n, 64, 0)
+    if previous is not None: shutil.copytree(previous, inp / 'codseg-train')  # a session's whole output
+    work.mkdir(parents=True)
+    return inp, work
+
+def snapshot(folder: Path) -> dict:
+    "Every file under `folder` with its size and mtime (to prove nothing there was written)."
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob('*')) if p.is_file()}
+
+def run_kernel(inp: Path, work: Path, **settings):
+    "Execute the kernel notebook with execnb, `settings` and the fake folders injected into its parameters cell."
+    from execnb.nbio import read_nb, write_nb
+    from execnb.shell import CaptureShell
+    nb = read_nb(NB)
+    idx = next(i for i, c in enumerate(nb.cells) if c.cell_type == 'code' and c.source.startswith('# parameters'))
+    inject = nb.cells[idx].source + (f'\nINPUT_ROOT = {str(inp)!r}\nWORKING_DIR = {str(work)!r}\n'
+                                     f'SETTINGS = {settings!r}\n')
+    sh = CaptureShell()
+    try: sh.run_all(nb, exc_stop=True, inject_code=inject, inject_idx=idx)
+    finally: write_nb(nb, work.parent / 'executed.ipynb')  # for a look after a failure
+    out = '\n'.join(o.get('text', '') if isinstance(o.get('text', ''), str) else ''.join(o['text'])
+                    for c in nb.cells for o in c.get('outputs', []))
+    return sh, out
+
+@pytest.fixture(scope='module')
+def fresh(tmp_path_factory):
+    "One tiny fresh session of the kernel: (input, working, shell, output text, input snapshot before)."
+    root = tmp_path_factory.mktemp('fresh')
+    inp, work = fake_kaggle(root)
+    before = snapshot(inp)
+    sh, out = run_kernel(inp, work, **TINY)
+    return inp, work, sh, out, before
+
+def test_kernel_runs_headless(fresh):
+    inp, work, sh, out, before = fresh
+    ck = work / 'checkpoints'
+    for f in ('last.pth', 'best_model.pth', 'history.csv'): assert (ck / f).is_file(), f'{f} missing; output:\n{out}'
+    assert list(ck.glob('*.png')), 'no curves plot'
+    assert (work / 'lr_plan.png').is_file() and (work / 'lr_plan.csv').is_file()
+    rows = (ck / 'history.csv').read_text().strip().splitlines()
+    assert len(rows) == 1 + TINY['epochs'], rows
+    res = work / 'results'
+    table = (res / 'results.md').read_text()
+    assert 'COD10K' in table and (res / 'results.csv').is_file()
+    assert 'starting a new run' in out and 'Epoch 2:' in out
+    assert snapshot(inp) == before, 'the kernel wrote inside its input folder'
+
+def test_kernel_torchrun_flags(fresh):
+    "The flags the two-GPU (torchrun) branch passes to `codseg train` reproduce the run's Config."
+    import argparse
+    from codseg.config import add_args, from_args
+    ns = fresh[2].shell.user_ns
+    cfg, argv = ns['cfg'], ns['config_argv'](ns['cfg'])
+    assert from_args(add_args(argparse.ArgumentParser()).parse_args(argv)) == cfg, argv
+
+def test_kernel_resumes_from_attached_output(fresh, tmp_path):
+    inp, work = fake_kaggle(tmp_path, previous=fresh[1])
+    before = snapshot(inp)
+    sh, out = run_kernel(inp, work, **{**TINY, 'epochs': 3})
+    assert f"resuming from {inp / 'codseg-train' / 'checkpoints' / 'last.pth'}" in out, out
+    rows = (work / 'checkpoints' / 'history.csv').read_text().strip().splitlines()
+    assert len(rows) == 1 + 3 and 'Epoch 3:' in out and 'Epoch 1:' not in out, out
+    assert snapshot(inp) == before, 'the kernel wrote inside its input folder'
