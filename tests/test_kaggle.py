@@ -129,14 +129,14 @@ def epochs_printed(out: str) -> list:
     "The epochs whose `Epoch N: Loss: ...` line the output holds."
     return [int(m) for m in re.findall(r'^Epoch (\d+): Loss: ', out, re.M)]
 
-def run_kernel(inp: Path, work: Path, **settings):
-    "Execute the kernel notebook with execnb, `settings` and the fake folders injected into its parameters cell."
+def run_kernel(inp: Path, work: Path, params: dict = None, **settings):
+    "Execute the kernel notebook with execnb; the fake folders, `params` and `settings` injected into its parameters cell."
     from execnb.nbio import read_nb, write_nb
     from execnb.shell import CaptureShell
     nb = read_nb(NB)
     idx = next(i for i, c in enumerate(nb.cells) if c.cell_type == 'code' and c.source.startswith('# parameters'))
     inject = nb.cells[idx].source + (f'\nINPUT_ROOT = {str(inp)!r}\nWORKING_DIR = {str(work)!r}\n'
-                                     f'SETTINGS = {settings!r}\n')
+                                     f'SETTINGS = {settings!r}\n' + ''.join(f'{k} = {v!r}\n' for k, v in (params or {}).items()))
     sh = CaptureShell()
     try: sh.run_all(nb, exc_stop=True, inject_code=inject, inject_idx=idx)
     finally: write_nb(nb, work.parent / 'executed.ipynb')  # for a look after a failure
@@ -163,7 +163,9 @@ def test_kernel_runs_headless(fresh):
     assert len(rows) == 1 + TINY['epochs'], rows
     res = work / 'results'
     table = (res / 'results.md').read_text()
-    assert 'COD10K' in table and (res / 'results.csv').is_file()
+    assert 'COD10K' in table and (res / 'eval_best_model.csv').is_file() and (res / 'eval_best_model.json').is_file()
+    rows = (res / 'eval_best_model.csv').read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith('COD10K,4,'), rows  # the 4 synthetic test images, camouflaged only
     assert 'starting a new run' in out and epochs_printed(out) == [1, 2], out
     assert snapshot(inp) == before, 'the kernel wrote inside its input folder'
 
@@ -175,13 +177,22 @@ def test_kernel_torchrun_flags(fresh):
     cfg, argv = ns['cfg'], ns['config_argv'](ns['cfg'])
     assert from_args(add_args(argparse.ArgumentParser()).parse_args(argv)) == cfg, argv
 
-def test_kernel_resumes_from_attached_output(fresh, tmp_path):
+def test_kernel_resumes_on_two_processes(fresh, tmp_path):
+    """The next session, with the first one's output attached, resumes from its last.pth; with two processes (as on
+    Kaggle's two T4s; here gloo on CPU) training goes through torchrun with the flags the kernel builds."""
     inp, work = fake_kaggle(tmp_path, previous=fresh[1])
     before = snapshot(inp)
-    sh, out = run_kernel(inp, work, **{**TINY, 'epochs': 3})
-    assert f"resuming from {inp / 'codseg-train' / 'checkpoints' / 'last.pth'}" in out, out
+    sh, out = run_kernel(inp, work, params={'NPROC': 2}, **{**TINY, 'epochs': 3})
+    last = inp / 'codseg-train' / 'checkpoints' / 'last.pth'
+    assert f'resuming from {last}' in out and 'torch.distributed.run --nproc_per_node=2 -m codseg train' in out, out
     rows = (work / 'checkpoints' / 'history.csv').read_text().strip().splitlines()
     assert len(rows) == 1 + 3 and epochs_printed(out) == [3], out
     first = (fresh[1] / 'checkpoints' / 'history.csv').read_text().strip().splitlines()
     assert rows[:3] == first, 'the resumed history does not continue the first session\'s'
+    best = work / 'checkpoints' / 'best_model.pth'  # carried over from the first session unless epoch 3 beat it
+    import torch
+    iou = lambda p: torch.load(p, map_location='cpu', weights_only=True)['best_iou']
+    assert best.is_file() and iou(best) == iou(fresh[1] / 'checkpoints' / 'best_model.pth') == max(
+        float(r.split(',')[3]) for r in rows[1:]), 'the best model of the first session was not kept'
+    assert (work / 'results' / 'eval_best_model.csv').is_file() and (work / 'results' / 'results.md').is_file()
     assert snapshot(inp) == before, 'the kernel wrote inside its input folder'
