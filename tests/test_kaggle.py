@@ -196,3 +196,24 @@ def test_kernel_resumes_on_two_processes(fresh, tmp_path):
         float(r.split(',')[3]) for r in rows[1:]), 'the best model of the first session was not kept'
     assert (work / 'results' / 'eval_best_model.csv').is_file() and (work / 'results' / 'results.md').is_file()
     assert snapshot(inp) == before, 'the kernel wrote inside its input folder'
+
+def test_kernel_installs_from_wheel_dataset(tmp_path):
+    """The install cell, in a Python where codseg is not importable but its requirements are (as on Kaggle),
+    installs codseg offline from a wheel built as push.py builds it, found in an attached dataset."""
+    import site
+    wheels = tmp_path / 'input' / 'datasets' / 'someone' / 'codseg-wheel'
+    r = subprocess.run([sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps', '--no-build-isolation', '-w', str(wheels),
+                        str(REPO)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and list(wheels.glob('codseg-*.whl')), r.stderr
+    venv = tmp_path / 'venv'
+    subprocess.run([sys.executable, '-m', 'venv', str(venv)], check=True, timeout=300)
+    py = venv / 'bin' / 'python'
+    sp = subprocess.run([py, '-c', 'import site; print(site.getsitepackages()[0])'], capture_output=True, text=True).stdout.strip()
+    (Path(sp) / 'requirements-from-test.pth').write_text('\n'.join(site.getsitepackages()) + '\n')  # torch & co, not codseg
+    nb = json.loads(NB.read_text())
+    cell = next(''.join(c['source']) for c in nb['cells'] if 'def install_codseg' in ''.join(c['source']))
+    code = f"INPUT_ROOT = {str(tmp_path / 'input')!r}\nCODSEG_SOURCE = 'no-network-here'\n" + cell
+    r = subprocess.run([py, '-c', code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env={k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'VIRTUAL_ENV')})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert '--no-index --no-deps' in r.stdout and f'from {sp}/codseg' in r.stdout, r.stdout
