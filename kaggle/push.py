@@ -99,7 +99,8 @@ def push_wheel(run: Runner, ref: str, build: Path, poll: float) -> None:
     if run.dry: print(f'# then `datasets version` if {ref} exists, else:')
     if exists and not run.dry: run([*k, 'datasets', 'version', '-p', build, '-m', git_note()])
     else: run([*k, 'datasets', 'create', '-p', build])
-    wait_for(run, [*k, 'datasets', 'status', ref], ('ready',), poll, what=f'dataset {ref}')
+    out = wait_for(run, [*k, 'datasets', 'status', ref], ('ready', 'error'), poll, what=f'dataset {ref}', limit=1800)
+    if not run.dry and 'ready' not in out: sys.exit(f'push: dataset {ref} is not ready ({out.strip()}); see kaggle.com/datasets/{ref}')
 
 
 def wait_for(run: Runner, cmd, words, poll: float, what: str, limit: float = 3600) -> str:
