@@ -36,7 +36,7 @@ VALIDATE = textwrap.dedent('''
 ''')
 
 def kaggle_validate(folder, tmp_path):
-    "Run the kaggle CLI's push validation on `folder`; (returncode, request dict or None, stderr)."
+    "Run the kaggle CLI's push validation on `folder`; (returncode, request dict or None, output)."
     cfg = tmp_path / 'kaggle-config'; cfg.mkdir(exist_ok=True)
     (cfg / 'kaggle.json').write_text(json.dumps({'username': 'codseg-ci', 'key': '0' * 32}))
     (cfg / 'kaggle.json').chmod(0o600)
@@ -46,11 +46,12 @@ def kaggle_validate(folder, tmp_path):
                        timeout=120)
     last = r.stdout.strip().splitlines()[-1:] if r.stdout.strip() else []
     req = json.loads(last[0]) if last and last[0].startswith('{') else None
-    return r.returncode, req, r.stderr
+    return r.returncode, req, r.stdout + r.stderr
 
 def test_metadata_passes_kaggle_validation(tmp_path):
     rc, req, err = kaggle_validate(KAGGLE, tmp_path)
     assert rc == 0 and req is not None, err
+    assert 'does not resolve to the specified id' not in err, err  # the title slugifies to the kernel slug
     assert (req['language'], req['kernel_type']) == ('python', 'notebook')
     assert req['enable_gpu'] is True and req['machine_shape'] == 'NvidiaTeslaT4'
     assert isinstance(req['enable_internet'], bool)
