@@ -1,0 +1,138 @@
+"End to end: `codseg train` as a user runs it — the guide's scenarios, resume, kills, divergence, learning."
+import csv, hashlib, math, os, re, signal, subprocess, sys, time
+from pathlib import Path
+import pytest
+import torch
+
+GUIDE = Path(__file__).resolve().parents[1]/'docs'/'lr-scheduler-guide.md'
+EPOCH = re.compile(r'^Epoch (\d+): Loss: ([\d.]+|nan|inf) \| IoU: ([\d.]+) \| Dice: ([\d.]+) \| LR: ([\d.]+)', re.M)
+
+def codseg(*args, check=True, **kw):
+    "Run `python -m codseg ARGS`, returning the completed process."
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
+    r = subprocess.run([sys.executable, '-m', 'codseg', *map(str, args)], capture_output=True, text=True, env=env, **kw)
+    if check: assert r.returncode == 0, f'codseg {args[0]} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}'
+    return r
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    "A small synthetic dataset in the COD10K-v3 layout, written by `codseg make-synthetic`."
+    d = tmp_path_factory.mktemp('data')/'COD10K-v3'
+    codseg('make-synthetic', d, '--n', 24, '--size', 96, '--seed', 3)
+    return d
+
+def guide_commands():
+    "The guide's four scenario commands, as lists of arguments after `train`."
+    text = GUIDE.read_text()
+    blocks = re.findall(r'```bash\n(python train_ultimate.py train.*?)```', text, re.S)
+    cmds = [b.replace('\\\n', ' ').split()[3:] for b in blocks if '--dataset-path' in b]
+    assert len(cmds) == 4
+    return cmds
+
+def adapt(cmd, data, ckdir, resume=None, epochs=None, stage1=None):
+    "The guide's command with only paths and sizes changed, as the issue allows."
+    out, it = [], iter(cmd)
+    swap = {'--dataset-path': data, '--checkpoint-dir': ckdir, '--resume-from': resume, '--backbone': 'edgenext_xx_small',
+            '--img-size': 96, '--epochs': epochs, '--stage1-epochs': stage1, '--num-workers': 0}
+    for a in it:
+        out.append(a)
+        if a in swap: next(it); out.append(swap[a])
+    return out + ['--no-pretrained']
+
+def epoch_lrs(stdout):
+    "{epoch number: printed LR} from the epoch lines."
+    return {int(m[0]): float(m[4]) for m in EPOCH.findall(stdout)}
+
+def preview_lrs(args, tmp, resume=None):
+    "{epoch number: decoder LR at the epoch's last step} from `codseg lr-preview --csv` with the same flags."
+    f = tmp/f'plan{time.time_ns()}.csv'
+    codseg('lr-preview', *args, *(['--resume-from', resume] if resume else []), '--csv', f)
+    last = {}
+    for r in csv.DictReader(open(f)): last[math.floor(float(r['epoch']) + 1e-9) + 1] = float(r['lr'])
+    return last
+
+def test_guide_scenarios(data, tmp_path):
+    s1, s2, s3, s4 = guide_commands()
+    ck = tmp_path/'checkpoints'
+    runs = [(adapt(s1, data, ck, epochs=6, stage1=2), None),
+            (adapt(s2, data, ck, resume=ck/'best_model.pth', epochs=8, stage1=2), ck/'best_model.pth'),
+            (adapt(s3, data, tmp_path/'optimal', epochs=9, stage1=2), None),
+            (adapt(s4, data, ck, resume=ck/'best_model.pth', epochs=9, stage1=2), ck/'best_model.pth')]
+    for args, resume in runs:
+        expect = preview_lrs(args, tmp_path, resume)  # before training: the plan the run will follow
+        r = codseg('train', *args)
+        got = epoch_lrs(r.stdout)
+        assert got, r.stdout
+        for e, lr in got.items(): assert lr == pytest.approx(expect[e], abs=5e-7), (e, lr, expect[e])
+        if resume: assert 'Plan settings changed' in r.stdout
+
+def test_resume_is_exact(data, tmp_path):
+    common = ['--dataset-path', data, '--backbone', 'edgenext_xx_small', '--no-pretrained', '--img-size', 64,
+              '--epochs', 4, '--stage1-epochs', 2, '--batch-size', 4, '--accumulation-steps', 2, '--num-workers', 0,
+              '--num-experts', 3, '--ema']
+    codseg('train', *common, '--checkpoint-dir', tmp_path/'straight')
+    codseg('train', *common, '--checkpoint-dir', tmp_path/'split', '--stop-after', 2)
+    r = codseg('train', *common, '--checkpoint-dir', tmp_path/'split', '--resume-from', 'auto')
+    assert 'identical curve' in r.stdout and sorted(epoch_lrs(r.stdout)) == [3, 4]
+    a, b = (torch.load(tmp_path/d/'last.pth', weights_only=True) for d in ('straight', 'split'))
+    for k in ('model', 'ema'): assert all(torch.equal(a[k][n], b[k][n]) for n in a[k]), k
+    assert [h['loss'] for h in a['history']] == [h['loss'] for h in b['history']]
+
+def test_sigkill_then_resume(data, tmp_path):
+    ck = tmp_path/'ck'
+    args = ['--dataset-path', data, '--backbone', 'edgenext_xx_small', '--no-pretrained', '--img-size', 64,
+            '--epochs', 6, '--stage1-epochs', 2, '--batch-size', 1, '--accumulation-steps', 1, '--num-workers', 0,
+            '--num-experts', 3, '--checkpoint-dir', ck]
+    p = subprocess.Popen([sys.executable, '-m', 'codseg', 'train', *map(str, args)], stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (ck/'last.pth').exists() and time.time() < deadline: time.sleep(0.2)
+    time.sleep(0.7)  # well inside a later epoch
+    p.send_signal(signal.SIGKILL); p.wait()
+    assert torch.load(ck/'last.pth', weights_only=True)['epoch'] >= 1
+    r = codseg('train', *args, '--resume-from', 'auto')
+    assert max(epoch_lrs(r.stdout)) == 6
+    assert not [f for f in os.listdir(ck) if '.tmp' in f]
+    assert torch.load(ck/'last.pth', weights_only=True)['epoch'] == 6
+
+def test_stop_signal_saves_mid_epoch(data, tmp_path):
+    ck = tmp_path/'ck'
+    args = ['--dataset-path', data, '--backbone', 'edgenext_xx_small', '--no-pretrained', '--img-size', 64,
+            '--epochs', 3, '--stage1-epochs', 1, '--batch-size', 1, '--accumulation-steps', 2, '--num-workers', 0,
+            '--num-experts', 3, '--checkpoint-dir', ck]
+    p = subprocess.Popen([sys.executable, '-m', 'codseg', 'train', *map(str, args)], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+    for line in p.stdout:
+        if line.startswith('Epoch 1:'): break
+    time.sleep(0.5); p.send_signal(signal.SIGTERM)
+    out = p.stdout.read(); p.wait()
+    assert p.returncode == 0 and 'Stopped by signal' in out, out
+    c = torch.load(ck/'last.pth', weights_only=True)
+    assert c['batch'] > 0 and c['batch'] % 2 == 0
+    r = codseg('train', *args, '--resume-from', 'auto')
+    assert max(epoch_lrs(r.stdout)) == 3
+
+def sha(p): return hashlib.sha256(Path(p).read_bytes()).hexdigest()
+
+def test_divergence_keeps_checkpoints(data, tmp_path):
+    ck = tmp_path/'ck'
+    args = ['--dataset-path', data, '--backbone', 'edgenext_xx_small', '--no-pretrained', '--img-size', 64,
+            '--stage1-epochs', 1, '--batch-size', 4, '--accumulation-steps', 1, '--num-workers', 0, '--num-experts', 3,
+            '--checkpoint-dir', ck, '--scheduler', 'none', '--stage1-scheduler', 'none']
+    codseg('train', *args, '--epochs', 2)
+    before = {f: sha(ck/f) for f in ('last.pth', 'best_model.pth')}
+    r = codseg('train', *args, '--epochs', 4, '--resume-from', 'auto', '--lr', 1000, '--grad-clip', 0, check=False)
+    assert r.returncode == 1 and 'reduce --stage2-lr' in r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
+    assert {f: sha(ck/f) for f in before} == before
+
+def test_refuses_other_architecture(data, tmp_path):
+    ck = tmp_path/'ck'
+    args = ['--dataset-path', data, '--backbone', 'edgenext_xx_small', '--no-pretrained', '--img-size', 64,
+            '--epochs', 2, '--stage1-epochs', 1, '--num-workers', 0, '--num-experts', 3, '--checkpoint-dir', ck]
+    codseg('train', *args, '--stop-after', 1)
+    r = codseg('train', *args[:-4], '--num-experts', 4, '--checkpoint-dir', ck, '--resume-from', 'auto', check=False)
+    assert r.returncode == 1 and '--num-experts 3' in r.stderr and '--num-experts 4' in r.stderr
+
+def test_dry_run_writes_nothing(data, tmp_path):
+    r = codseg('train', '--dataset-path', data, '--checkpoint-dir', tmp_path/'ck', '--dry-run', '--no-pretrained',
+               '--backbone', 'edgenext_xx_small')
+    assert 'LR plan' in r.stdout and '"scheduler": "onecycle"' in r.stdout and not (tmp_path/'ck').exists()
