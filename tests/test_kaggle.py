@@ -175,7 +175,7 @@ def test_kernel_torchrun_flags(fresh):
     import argparse
     from codseg.config import add_args, from_args
     ns = fresh[2].user_ns
-    cfg, argv = ns['cfg'], ns['config_argv'](ns['cfg'])
+    cfg, argv = ns['cfg'], ns['to_argv'](ns['cfg'])
     assert from_args(add_args(argparse.ArgumentParser()).parse_args(argv)) == cfg, argv
 
 def test_kernel_resumes_on_two_processes(fresh, tmp_path):
@@ -185,7 +185,7 @@ def test_kernel_resumes_on_two_processes(fresh, tmp_path):
     before = snapshot(inp)
     sh, out = run_kernel(inp, work, params={'NPROC': 2}, **{**TINY, 'epochs': 3})
     last = inp / 'codseg-train' / 'checkpoints' / 'last.pth'
-    assert f'resuming from {last}' in out and 'torch.distributed.run --nproc_per_node=2 -m codseg train' in out, out
+    assert f'resuming from {last}' in out and 'torch.distributed.run --standalone --nproc_per_node=2 -m codseg train' in out, out
     rows = (work / 'checkpoints' / 'history.csv').read_text().strip().splitlines()
     assert len(rows) == 1 + 3 and epochs_printed(out) == [3], out
     first = (fresh[1] / 'checkpoints' / 'history.csv').read_text().strip().splitlines()
