@@ -1,0 +1,130 @@
+"""CODNet end to end: shapes for the default and the CPU backbone, freezing, routing, weights loading, loss and metrics."""
+import os, re, subprocess, sys
+from pathlib import Path
+import pytest, timm, torch
+from codseg.config import Config
+from codseg.model import (CODNet, CueMoE, build_model, freeze_backbone, unfreeze_backbone, n_backbone_stages,
+                          param_groups, stage_params, create_backbone)
+from codseg.losses import CODLoss
+from codseg.metrics import SegMeter
+
+ROOT = Path(__file__).resolve().parents[1]
+
+@pytest.fixture(scope='module')
+def small():
+    torch.manual_seed(0)
+    return CODNet('edgenext_xx_small', 7, 2, pretrained=False)
+
+@pytest.fixture(scope='module')
+def base():
+    torch.manual_seed(0)
+    return build_model(Config(pretrained=False))  # the default backbone, edgenext_base
+
+@pytest.mark.parametrize('size', [(384, 384), (352, 480), (250, 331)])
+def test_small_shapes_train_batch1(small, size):
+    small.train()
+    out = small(torch.randn(1, 3, *size))
+    assert out['logits'].shape == (1, 1, *size)
+    assert len(out['aux']) == n_backbone_stages(small) - 1 and all(a.shape[:2] == (1, 1) for a in out['aux'])
+    assert out['balance'].ndim == 0 and torch.isfinite(out['balance'])
+
+@pytest.mark.parametrize('size', [(384, 384), (352, 480)])
+def test_base_shapes(base, size):
+    assert base.backbone.feature_info.channels() == [80, 160, 288, 584]
+    base.eval()
+    with torch.no_grad(): out = base(torch.randn(2, 3, *size))
+    assert out['logits'].shape == (2, 1, *size)
+
+def test_base_train_batch1_and_freezing(base):
+    base.train()
+    freeze_backbone(base)
+    base.zero_grad(set_to_none=True)
+    base(torch.randn(1, 3, 160, 224))['logits'].mean().backward()
+    assert all(p.grad is None and not p.requires_grad for p in base.backbone.parameters())
+    assert base.head.out.weight.grad is not None
+    unfreeze_backbone(base, 1)
+    base.zero_grad(set_to_none=True)
+    base(torch.randn(1, 3, 160, 224))['logits'].mean().backward()
+    got = [any(p.grad is not None for p in stage_params(s)) for s in base._stages]
+    assert got == [False, False, False, True]
+    unfreeze_backbone(base)
+    base.zero_grad(set_to_none=True)
+    base(torch.randn(1, 3, 160, 224))['logits'].mean().backward()
+    assert all(p.grad is not None for p in base.backbone.parameters())
+
+def test_frozen_batchnorm_stays_in_eval():
+    net = CODNet('resnet18', 4, 2, pretrained=False)
+    freeze_backbone(net).train()
+    bns = [m for m in net.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns)
+    before = [m.running_mean.clone() for m in bns]
+    net(torch.randn(2, 3, 64, 96))
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(before, bns))
+    unfreeze_backbone(net).train()
+    assert all(m.training for m in bns)
+
+def test_routing_vectorised_equals_loop_and_balance():
+    torch.manual_seed(0)
+    moe = CueMoE(64, 7, 2)
+    x = torch.randn(8, 64, 12, 15)
+    (a, ba), (b, bb) = moe(x), moe.forward_per_sample(x)
+    assert torch.allclose(a, b, atol=1e-5) and torch.equal(ba, bb)
+    _, idx, _ = moe.router(x)
+    assert idx.shape == (8, 2) and (idx[:, 0] != idx[:, 1]).all()
+    with torch.no_grad():
+        moe.router.proj.weight.zero_(); moe.router.proj.bias.zero_()
+        uniform = moe.router(x)[2].item()
+        moe.router.proj.bias[3:5] = 30.0
+        collapsed = moe.router(x)[2].item()
+    assert abs(uniform - 1) < 1e-5 and collapsed > 3.4
+
+def test_param_groups_cover_everything(small):
+    freeze_backbone(small)
+    groups = param_groups(small, 1e-4)
+    ids = [id(p) for g in groups for p in g['params']]
+    assert len(ids) == len(set(ids)) == len(list(small.parameters()))
+    assert {g['kind'] for g in groups} == {'backbone', 'decoder'}
+    assert all(g['weight_decay'] == 0 for g in groups if any(p.ndim == 1 for p in g['params']))
+    unfreeze_backbone(small)
+
+def test_local_weights_file(tmp_path):
+    full = timm.create_model('edgenext_xx_small')
+    torch.save(full.state_dict(), tmp_path / 'w.pth')
+    net = build_model(Config(backbone='edgenext_xx_small', pretrained=True, pretrained_path=str(tmp_path / 'w.pth')))
+    assert torch.equal(net.backbone.stem_0.weight, full.stem[0].weight)
+    with pytest.raises(FileNotFoundError, match='--pretrained-path'):
+        create_backbone('edgenext_xx_small', True, tmp_path / 'nope.pth')
+
+def test_offline_hub_error_is_clear(tmp_path):
+    code = ("from codseg.model import create_backbone\n"
+            "try: create_backbone('edgenext_xx_small', True)\n"
+            "except RuntimeError as e: print('ERR', e)\n")
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_HOME': str(tmp_path)}
+    r = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=120)
+    assert 'ERR' in r.stdout, r.stderr[-2000:]
+    assert 'edgenext_xx_small' in r.stdout and '--pretrained-path' in r.stdout and '--no-pretrained' in r.stdout
+
+def test_grad_checkpointing_flag():
+    net = build_model(Config(backbone='edgenext_xx_small', pretrained=False, grad_checkpointing=True))
+    assert net.backbone.grad_checkpointing
+    out = net(torch.randn(2, 3, 96, 96))
+    out['logits'].mean().backward()
+    assert all(p.grad is not None for p in net.backbone.parameters())
+
+def test_one_training_step_and_metrics(small):
+    torch.manual_seed(0)
+    small.train()
+    x, m = torch.randn(2, 3, 128, 160), (torch.rand(2, 1, 128, 160) > 0.6).float()
+    crit, opt = CODLoss('structure', 0.5, 0.01), torch.optim.AdamW(param_groups(small, 1e-4), lr=1e-3)
+    loss, parts = crit(small(x), m)
+    loss.backward(); opt.step()
+    assert torch.isfinite(loss) and set(parts) >= {'main', 'aux', 'balance'}
+    meter = SegMeter(); meter.update(small(x)['logits'], m)
+    r = meter.compute()
+    assert 0 <= r['iou'] <= 1 and 0 <= r['dice'] <= 1 and meter.sums[2] == 2
+
+def test_moe_benchmark_runs():
+    r = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'moe_speed.py'), '--runs', '3'],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert re.fullmatch(r'moe speedup: \d+\.\dx', r.stdout.strip().splitlines()[-1]), r.stdout
