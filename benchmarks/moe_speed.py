@@ -1,0 +1,53 @@
+"""MoE block speed: the vectorised CueMoE against the same experts applied by a per-sample loop with top-k.
+
+Forward + backward of `codseg.model.CueMoE` on a batch of 8 at the size where CODNet uses it (the coarsest
+decoder map: `decoder_channels` wide, input size / coarsest backbone stride), both versions timed alternately,
+median of several runs. Prints one line per version, then `moe speedup: N.Nx` last.
+
+    python benchmarks/moe_speed.py [--img-size 384] [--batch 8] [--runs 21] [--device auto]
+"""
+import argparse, statistics, time
+import torch
+from codseg.config import Config
+from codseg.model import CueMoE
+
+def main(argv=None):
+    c = Config()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--batch', type=int, default=8)
+    p.add_argument('--img-size', type=int, default=c.img_size)
+    p.add_argument('--stride', type=int, default=32, help="the coarsest backbone stride (edgenext's)")
+    p.add_argument('--channels', type=int, default=64, help="CODNet's decoder_channels")
+    p.add_argument('--num-experts', type=int, default=c.num_experts)
+    p.add_argument('--top-k', type=int, default=c.top_k)
+    p.add_argument('--runs', type=int, default=21)
+    p.add_argument('--device', default='auto')
+    a = p.parse_args(argv)
+    dev = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if a.device == 'auto' else a.device)
+    torch.manual_seed(0)
+    moe = CueMoE(a.channels, a.num_experts, a.top_k).to(dev)
+    s = a.img_size // a.stride
+    x = torch.randn(a.batch, a.channels, s, s, device=dev, requires_grad=True)
+    sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
+
+    def step(fn):
+        moe.zero_grad(set_to_none=True); x.grad = None
+        sync(); t = time.perf_counter()
+        y, bal = fn(x); (y.square().mean() + bal).backward()
+        sync(); return time.perf_counter() - t
+
+    fns = {'vectorised': moe.forward, 'per-sample loop': moe.forward_per_sample}
+    (y1, _), (y2, _) = moe(x), moe.forward_per_sample(x)
+    assert torch.allclose(y1, y2, atol=1e-4), 'the two versions disagree'
+    for fn in fns.values(): step(fn); step(fn)  # warm-up
+    times = {k: [] for k in fns}
+    for _ in range(a.runs):
+        for k, fn in fns.items(): times[k].append(step(fn))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f'CueMoE forward+backward, batch {a.batch}, {a.channels} ch, {s}x{s} map (img {a.img_size} / stride {a.stride}), '
+          f'{a.num_experts} experts, top-{a.top_k}, {dev}, torch threads {torch.get_num_threads()}, median of {a.runs}')
+    for k, v in med.items(): print(f'  {k:16s} {v * 1e3:8.2f} ms')
+    print(f"moe speedup: {med['per-sample loop'] / med['vectorised']:.1f}x")
+
+if __name__ == '__main__':
+    main()
