@@ -1,0 +1,188 @@
+"End to end: `codseg evaluate` against PySODMetrics by hand, `codseg predict` on odd sizes, `codseg find-lr`."
+import csv, hashlib, json, os, subprocess, sys
+from pathlib import Path
+import cv2, numpy as np, pytest, torch
+import py_sod_metrics as M
+
+CAMO = Path(__file__).resolve().parents[2]/'shared'/'fixtures'/'CAMO-sample'
+TINY = dict(synthetic_n=48, synthetic_size=64, img_size=64, backbone='edgenext_xx_small', pretrained=False, num_experts=3,
+            batch_size=8, num_workers=0, device='cpu')
+
+def codseg(*args):
+    "Run `python -m codseg ARGS` (one intra-op thread); returns stdout, failing with its output when the exit status is not 0."
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    r = subprocess.run([sys.executable, '-m', 'codseg', *map(str, args)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, f'codseg {args[0]} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}'
+    return r.stdout
+
+@pytest.fixture(scope='module', autouse=True)
+def cache(tmp_path_factory):
+    """A private cache for the synthetic dataset (inherited by subprocesses); one torch thread: these models are tiny, and
+    on a CPU shared with other test processes two spinning OpenMP threads per process run 5-10x slower than one."""
+    old, threads = os.environ.get('CODSEG_CACHE'), torch.get_num_threads()
+    os.environ['CODSEG_CACHE'] = str(tmp_path_factory.mktemp('cache')); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    if old is None: del os.environ['CODSEG_CACHE']
+    else: os.environ['CODSEG_CACHE'] = old
+
+@pytest.fixture(scope='module')
+def ckpt(tmp_path_factory, cache):
+    "A tiny checkpoint: two epochs (one per stage) on the synthetic dataset."
+    from codseg.config import Config
+    from codseg.train import train
+    d = tmp_path_factory.mktemp('run')
+    train(Config(dataset_path='synthetic', epochs=2, stage1_epochs=1, lr=2e-3, checkpoint_dir=str(d), **TINY), say=lambda *a: None)
+    return d/'best_model.pth'
+
+def put_pair(img_dir, mask_dir, name, h, w, seed, empty=False):
+    "A noisy image of h x w with a darker ellipse, and its mask (0/255; all 0 when `empty`)."
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    m = (((yy - h * rng.uniform(0.3, 0.7)) / (h / 4)) ** 2 + ((xx - w * rng.uniform(0.3, 0.7)) / (w / 5)) ** 2 < 1)
+    img = rng.integers(60, 200, (h, w, 3), dtype=np.uint8); img[m] -= 40
+    for d in (img_dir, mask_dir): d.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(img_dir/f'{name}.jpg'), img)
+    cv2.imwrite(str(mask_dir/f'{name}.png'), np.zeros((h, w), np.uint8) if empty else m.astype(np.uint8) * 255)
+
+def tree_state(root):
+    "sha256 of every file's path, size and bytes under `root`."
+    h = hashlib.sha256()
+    for p in sorted(Path(root).rglob('*')):
+        if p.is_file(): h.update(str(p.relative_to(root)).encode()); h.update(p.read_bytes())
+    return h.hexdigest()
+
+def by_hand(maps: Path, gts: Path) -> dict:
+    "The protocol applied by hand: PySODMetrics on the saved PNGs and the masks as read from disk; IoU/Dice at 0.5."
+    sm, em, wfm, mae, iou, dice = M.Smeasure(), M.Emeasure(), M.WeightedFmeasure(), M.MAE(), [], []
+    for g in sorted(gts.iterdir()):
+        gt = cv2.imread(str(g), cv2.IMREAD_GRAYSCALE)
+        pred = cv2.imread(str(maps/f'{g.stem}.png'), cv2.IMREAD_GRAYSCALE)
+        assert pred is not None and pred.shape == gt.shape, f'{g.stem}: map missing or not at the mask size'
+        for m in (sm, em, wfm, mae): m.step(pred=pred, gt=gt)
+        p, t = pred >= 128, gt > 128  # probability > 0.5 <=> uint8 value >= 128
+        iou.append((p & t).sum() / (p | t).sum() if (p | t).any() else 1.0)
+        dice.append(2 * (p & t).sum() / (p.sum() + t.sum()) if (p | t).any() else 1.0)
+    e = em.get_results()['em']
+    return dict(images=len(iou), Sm=sm.get_results()['sm'], meanEm=e['curve'].mean(), adpEm=e['adp'], maxEm=e['curve'].max(),
+                wFm=wfm.get_results()['wfm'], MAE=mae.get_results()['mae'], IoU=np.mean(iou), Dice=np.mean(dice))
+
+def assert_same(row: dict, hand: dict):
+    assert row['images'] == hand['images']
+    for k, v in hand.items(): assert abs(row[k] - v) <= 1e-6, f"{row['dataset']} {k}: evaluate {row[k]} != by hand {v}"
+
+# ---------------------------------------------------------------- evaluate
+
+def test_evaluate_equals_pysodmetrics_by_hand(ckpt, tmp_path):
+    "Two test sets of odd-sized images (one with an empty mask): the CLI's CSV/JSON equal PySODMetrics on the saved maps."
+    pack = tmp_path/'pack'
+    sizes = [(61, 47), (33, 90), (50, 50), (97, 13)]
+    for i, (h, w) in enumerate(sizes):
+        put_pair(pack/'TestDataset'/'SETA'/'Imgs', pack/'TestDataset'/'SETA'/'GT', f'a{i}', h, w, i)
+        put_pair(pack/'TestDataset'/'SETB'/'Imgs', pack/'TestDataset'/'SETB'/'GT', f'b{i}', w, h, 10 + i, empty=i == 3)
+    before = tree_state(pack)
+    out = codseg('evaluate', '--checkpoint', ckpt, '--dataset-path', pack, '--save-predictions', tmp_path/'maps',
+                 '--output', tmp_path/'out', '--num-workers', 0, '--device', 'cpu')
+    assert 'SETA' in out and 'SETB' in out and 'eval_best_model.csv' in out
+    rows = json.loads((tmp_path/'out'/'eval_best_model.json').read_text())['results']
+    assert [r['dataset'] for r in rows] == ['SETA', 'SETB']
+    for r in rows: assert_same(r, by_hand(tmp_path/'maps'/r['dataset'], pack/'TestDataset'/r['dataset']/'GT'))
+    with open(tmp_path/'out'/'eval_best_model.csv') as f: table = list(csv.DictReader(f))
+    for r, c in zip(rows, table):
+        assert c['dataset'] == r['dataset'] and all(abs(float(c[k]) - r[k]) <= 1e-12 for k in ('Sm', 'MAE', 'maxEm', 'Dice'))
+    assert tree_state(pack) == before, 'evaluate wrote into the dataset folder'
+
+def test_evaluate_camo_fixture(ckpt, tmp_path):
+    "The real CAMO sample (JPEGs of 632x420 .. 589x617): maps at each mask's size, numbers equal PySODMetrics by hand."
+    if not CAMO.is_dir(): pytest.skip('the shared CAMO fixture is not here')
+    from codseg.evaluate import evaluate
+    before = tree_state(CAMO)
+    rows = evaluate(ckpt, CAMO, output=tmp_path, save_predictions=tmp_path/'maps', device='cpu', num_workers=0, say=lambda *a: None)
+    assert [r['dataset'] for r in rows] == ['CAMO']
+    assert_same(rows[0], by_hand(tmp_path/'maps', CAMO/'GT'))
+    assert cv2.imread(str(tmp_path/'maps'/'camourflage_00064.png'), cv2.IMREAD_UNCHANGED).shape == (617, 589)
+    assert tree_state(CAMO) == before
+
+def test_evaluate_noncam_tta_and_defaults(ckpt, tmp_path):
+    "COD10K NonCAM images are left out unless --include-noncam; --tta writes its own file; default output beside the checkpoint."
+    from codseg.evaluate import evaluate
+    root = tmp_path/'COD10K-v3'
+    put_pair(root/'Train'/'Image', root/'Train'/'GT_Object', 'COD10K-CAM-1-Aquatic-1-Fish-1', 40, 30, 0)
+    for i, n in enumerate(['COD10K-CAM-2-Terrestrial-1-Cat-4', 'COD10K-CAM-3-Flying-1-Bird-7', 'COD10K-NonCAM-5-Background-1-Sky-9']):
+        put_pair(root/'Test'/'Image', root/'Test'/'GT_Object', n, 45, 37, i, empty='NonCAM' in n)
+    quiet = dict(device='cpu', num_workers=0, say=lambda *a: None)
+    assert [(r['dataset'], r['images']) for r in evaluate(ckpt, root, **quiet)] == [('COD10K', 2)]
+    assert (ckpt.parent/'eval_best_model.csv').is_file() and (ckpt.parent/'eval_best_model.json').is_file()
+    assert evaluate(ckpt, root, output=tmp_path/'o', include_noncam=True, **quiet)[0]['images'] == 3
+    plain = evaluate(ckpt, root, output=tmp_path/'o', **quiet)[0]
+    tta = evaluate(ckpt, root, output=tmp_path/'o', tta=True, **quiet)[0]
+    assert (tmp_path/'o'/'eval_best_model_tta.json').is_file() and tta['images'] == 2 and tta['MAE'] != plain['MAE']
+    with pytest.raises(ValueError, match='never writes into input folders'): evaluate(ckpt, root, output=root/'res', **quiet)
+
+def test_evaluate_bad_input_names_the_fix(ckpt, tmp_path):
+    from codseg.cli import main
+    put_pair(tmp_path/'d'/'images', tmp_path/'d'/'masks', 'x', 20, 20, 0)
+    (tmp_path/'d'/'masks'/'x.png').unlink()
+    assert main(['evaluate', '--checkpoint', str(tmp_path/'missing.pth'), '--dataset-path', str(tmp_path/'d')]) == 1
+    from codseg.evaluate import evaluate
+    with pytest.raises(ValueError, match='--skip-bad'): evaluate(ckpt, tmp_path/'d', device='cpu', num_workers=0)
+
+# ---------------------------------------------------------------- predict
+
+def test_predict_keeps_each_images_size(ckpt, tmp_path):
+    "Maps (and masks, overlays) have exactly each input's size, for odd sizes and aspect ratios; values 0-255."
+    from codseg.cli import main
+    ins = tmp_path/'in'; ins.mkdir()
+    sizes = {'odd': (617, 589), 'odd_t': (589, 617), 'strip': (9, 301), 'one': (1, 1), 'UPPER': (128, 77)}
+    rng = np.random.default_rng(0)
+    for n, (h, w) in sizes.items(): cv2.imwrite(str(ins/f"{n}{'.JPG' if n == 'UPPER' else '.png'}"), rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    if CAMO.is_dir():
+        for f in (CAMO/'Images'/'Test').iterdir(): (ins/f.name).write_bytes(f.read_bytes()); sizes[f.stem] = cv2.imread(str(f)).shape[:2]
+    before = tree_state(ins)
+    assert main(['predict', '--checkpoint', str(ckpt), '--input', str(ins), '--output', str(tmp_path/'out'), '--masks', '--overlays',
+                 '--device', 'cpu', '--num-workers', '0']) == 0
+    assert sorted(p.stem for p in (tmp_path/'out').glob('*.png')) == sorted(sizes)
+    for n, hw in sizes.items():
+        a = cv2.imread(str(tmp_path/'out'/f'{n}.png'), cv2.IMREAD_UNCHANGED)
+        assert a.dtype == np.uint8 and a.shape == hw, (n, a.shape, hw)
+        assert hw == (1, 1) or len(np.unique(a)) > 1, f'{n}: a constant map'  # uint8: 0-255 by type
+        assert set(np.unique(cv2.imread(str(tmp_path/'out'/'masks'/f'{n}.png'), cv2.IMREAD_UNCHANGED))) <= {0, 255}
+        assert cv2.imread(str(tmp_path/'out'/'overlays'/f'{n}.jpg')).shape[:2] == hw
+    assert tree_state(ins) == before
+    assert main(['predict', '--checkpoint', str(ckpt), '--input', str(ins), '--output', str(ins/'maps')]) == 1
+    assert main(['predict', '--checkpoint', str(ckpt), '--input', str(ins/'odd.png'), '--output', str(tmp_path/'one'),
+                 '--device', 'cpu', '--num-workers', '0']) == 0
+    assert cv2.imread(str(tmp_path/'one'/'odd.png'), cv2.IMREAD_UNCHANGED).shape == (617, 589)
+
+# ---------------------------------------------------------------- find-lr
+
+def test_find_lr_suggests_where_short_training_improves():
+    """The sweep's suggestion improves the validation loss in a short run, clearly more than the sweep's first LR, while
+    the LR where the sweep stopped (divergence) makes it worse: the suggestion lies inside the improving range."""
+    from codseg.config import Config
+    from codseg.findlr import find_lr, lr_trial
+    from codseg.model import build_model
+    cfg = Config(dataset_path='synthetic', accumulation_steps=1, seed=0, **TINY)
+    torch.manual_seed(0); net = build_model(cfg)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    res = find_lr(cfg, stage=1, start=1e-6, end=10, steps=40, model=net, say=print, progress=True)
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items()), 'find_lr did not restore the weights'
+    lo, s, hi = res['lrs'][0], res['suggestion'], res['lrs'][-1]
+    assert res['stopped'] and lo < s < hi, res
+    gain = {}
+    for lr in (lo, s, hi):
+        before, after = lr_trial(cfg, lr, stage=1, steps=10, model=net)
+        gain[lr] = (before - after) / before
+        print(f'LR {lr:.2e}: validation loss {before:.4f} -> {after:.4f}')
+    assert gain[s] > 0.01, 'a short run at the suggested LR did not improve'
+    assert gain[s] > 3 * max(gain[lo], 0), 'the suggestion is no better than the bottom of the sweep'
+    assert gain[hi] < 0, 'the sweep stopped at an LR that still improves: it did not find the top of the range'
+
+def test_find_lr_cli_stage2_from_checkpoint(ckpt, tmp_path):
+    "`codseg find-lr --stage 2 --resume-from CKPT`: a Stage-2 suggestion, a plot; the checkpoint file is untouched."
+    before = ckpt.read_bytes()
+    out = codseg('find-lr', '--stage', 2, '--resume-from', ckpt, '--dataset-path', 'synthetic', '--synthetic-n', 48,
+                 '--synthetic-size', 64, '--img-size', 64, '--batch-size', 8, '--accumulation-steps', 1, '--num-workers', 0,
+                 '--device', 'cpu', '--steps', 12, '--start', 1e-5, '--end', 1, '--png', tmp_path/'lr.png')
+    assert 'Suggested: --stage2-lr' in out and 'backbone' in out and (tmp_path/'lr.png').stat().st_size > 0
+    assert ckpt.read_bytes() == before
