@@ -137,3 +137,12 @@ def test_dry_run_writes_nothing(data, tmp_path):
     r = codseg('train', '--dataset-path', data, '--checkpoint-dir', tmp_path/'ck', '--dry-run', '--no-pretrained',
                '--backbone', 'edgenext_xx_small')
     assert 'LR plan' in r.stdout and '"scheduler": "onecycle"' in r.stdout and not (tmp_path/'ck').exists()
+
+def test_synthetic_is_learned(tmp_path):
+    "The README's first command: edgenext_xx_small at 128 px, 6 epochs on CPU, IoU at least 0.3 above epoch 1's."
+    readme = (Path(__file__).resolve().parents[1]/'README.md').read_text()
+    demo = re.search(r'<!-- ci:demo -->\n```bash\n(.*?)\n```', readme, re.S)[1]
+    args = demo.split('codseg train ', 1)[1].split()
+    args[args.index('--checkpoint-dir') + 1] = tmp_path/'demo'
+    ious = [float(m[2]) for m in EPOCH.findall(codseg('train', *args).stdout)]
+    assert len(ious) == 6 and ious[-1] - ious[0] >= 0.3, ious
