@@ -1,5 +1,5 @@
 """Shared by the benchmark scripts: COD10K-sized test data, side-by-side timing, and a line on the machine."""
-import os, platform, statistics, time
+import argparse, os, platform, statistics, time
 from pathlib import Path
 import cv2, numpy as np, torch
 from codseg.layout import Pair
@@ -17,6 +17,20 @@ def make_cod10k_like(root, n: int, width: int = 1152, height: int = 864, quality
         cv2.imwrite(str(root/f'{i:04d}.png'), mask)
         pairs.append(Pair(root/f'{i:04d}.jpg', root/f'{i:04d}.png', f'{i:04d}'))
     return pairs
+
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as timm's EdgeNeXt configs give
+
+
+def image_bench_args(doc: str, argv=None):
+    "The flags of the image benchmarks (how many COD10K-like JPEGs, their size, the training size, repeats), parsed; one thread each."
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument('--n', type=int, default=24, help='pairs made and read per pass')
+    p.add_argument('--img-size', type=int, default=384)
+    p.add_argument('--width', type=int, default=1152); p.add_argument('--height', type=int, default=864)
+    p.add_argument('--repeats', type=int, default=7)
+    cv2.setNumThreads(1); torch.set_num_threads(1)  # per-worker figures
+    return p.parse_args(argv)
 
 
 def side_by_side(fns: dict, repeats: int) -> dict:

@@ -17,10 +17,9 @@ import argparse, sys, tempfile
 from pathlib import Path
 import cv2, numpy as np, torch
 sys.path.insert(0, str(Path(__file__).parent))
-from common import make_cod10k_like, side_by_side, machine
+from common import MEAN, STD, image_bench_args, make_cod10k_like, side_by_side, machine
 from codseg.data import SegDataset, train_transform, eval_transform
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # EdgeNeXt's (timm)
 
 
 def pil_torchvision(size: int):
@@ -47,13 +46,7 @@ def decode_only(pair):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--n', type=int, default=24, help='pairs made and read per pass')
-    p.add_argument('--img-size', type=int, default=384)
-    p.add_argument('--width', type=int, default=1152); p.add_argument('--height', type=int, default=864)
-    p.add_argument('--repeats', type=int, default=7)
-    a = p.parse_args(argv)
-    cv2.setNumThreads(1); torch.set_num_threads(1)
+    a = image_bench_args(__doc__, argv)
     with tempfile.TemporaryDirectory() as td:
         pairs = make_cod10k_like(td, a.n, a.width, a.height)
         kb = sum(q.image.stat().st_size for q in pairs) / len(pairs) / 1024
