@@ -12,7 +12,7 @@ epoch of a later session reads them from disk once. Prints the figure last:
 
     python benchmarks/cache_speed.py [--n 24] [--img-size 384] [--repeats 7]
 """
-import argparse, sys, tempfile, time
+import sys, tempfile, time
 from pathlib import Path
 import cv2, numpy as np, torch
 sys.path.insert(0, str(Path(__file__).parent))

@@ -13,7 +13,7 @@ ratios, the figure last:
 
     python benchmarks/loader_speed.py [--n 24] [--img-size 384] [--repeats 7]
 """
-import argparse, sys, tempfile
+import sys, tempfile
 from pathlib import Path
 import cv2, numpy as np, torch
 sys.path.insert(0, str(Path(__file__).parent))
