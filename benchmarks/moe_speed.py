@@ -2,7 +2,14 @@
 
 Forward + backward of `codseg.model.CueMoE` on a batch of 8 at the size where CODNet uses it (the coarsest
 decoder map: `decoder_channels` wide, input size / coarsest backbone stride), both versions timed alternately,
-median of several runs. Prints one line per version, then `moe speedup: N.Nx` last.
+median of several runs. The vectorised block runs one depthwise conv per expert the batch uses, so its time
+depends on the routing; two routings are timed:
+
+- `init`: the router as initialised, on random features (it sends the batch to a few experts only);
+- `spread`: the same router with its picks spread over all experts, as after training with the balance loss.
+
+Prints one line per version and routing, then the `init` figure, then `moe speedup: N.Nx` last: the `spread`
+figure, the one a trained model sees.
 
     python benchmarks/moe_speed.py [--img-size 384] [--batch 8] [--runs 21] [--device auto]
 """
@@ -10,6 +17,32 @@ import argparse, statistics, time
 import torch
 from codseg.config import Config
 from codseg.model import CueMoE
+
+def spread_routing(moe: CueMoE, batch: int):
+    "Replace the router's picks by ones spread evenly over the experts (gates and balance loss still computed)."
+    E, k, route = moe.router.proj.out_features, moe.router.top_k, moe.router.forward
+    picks = (torch.arange(batch * k) % E).view(batch, k)  # k consecutive experts per image: distinct as k <= E
+    def forward(x):
+        gates, idx, balance = route(x)
+        return gates, picks.to(idx.device), balance
+    moe.router.forward = forward
+
+def time_both(moe: CueMoE, x: torch.Tensor, runs: int) -> dict:
+    "Median seconds of forward+backward for the vectorised block and the per-sample loop, timed alternately."
+    sync = torch.cuda.synchronize if x.device.type == 'cuda' else (lambda: None)
+    def step(fn):
+        moe.zero_grad(set_to_none=True); x.grad = None
+        sync(); t = time.perf_counter()
+        y, bal = fn(x); (y.square().mean() + bal).backward()
+        sync(); return time.perf_counter() - t
+    fns = {'vectorised': moe.forward, 'per-sample loop': moe.forward_per_sample}
+    (y1, _), (y2, _) = moe(x), moe.forward_per_sample(x)
+    assert torch.allclose(y1, y2, atol=1e-4), 'the two versions disagree'
+    for fn in fns.values(): step(fn); step(fn)  # warm-up
+    times = {k: [] for k in fns}
+    for _ in range(runs):
+        for k, fn in fns.items(): times[k].append(step(fn))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 def main(argv=None):
     c = Config()
@@ -28,26 +61,18 @@ def main(argv=None):
     moe = CueMoE(a.channels, a.num_experts, a.top_k).to(dev)
     s = a.img_size // a.stride
     x = torch.randn(a.batch, a.channels, s, s, device=dev, requires_grad=True)
-    sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
-
-    def step(fn):
-        moe.zero_grad(set_to_none=True); x.grad = None
-        sync(); t = time.perf_counter()
-        y, bal = fn(x); (y.square().mean() + bal).backward()
-        sync(); return time.perf_counter() - t
-
-    fns = {'vectorised': moe.forward, 'per-sample loop': moe.forward_per_sample}
-    (y1, _), (y2, _) = moe(x), moe.forward_per_sample(x)
-    assert torch.allclose(y1, y2, atol=1e-4), 'the two versions disagree'
-    for fn in fns.values(): step(fn); step(fn)  # warm-up
-    times = {k: [] for k in fns}
-    for _ in range(a.runs):
-        for k, fn in fns.items(): times[k].append(step(fn))
-    med = {k: statistics.median(v) for k, v in times.items()}
     print(f'CueMoE forward+backward, batch {a.batch}, {a.channels} ch, {s}x{s} map (img {a.img_size} / stride {a.stride}), '
           f'{a.num_experts} experts, top-{a.top_k}, {dev}, torch threads {torch.get_num_threads()}, median of {a.runs}')
-    for k, v in med.items(): print(f'  {k:16s} {v * 1e3:8.2f} ms')
-    print(f"moe speedup: {med['per-sample loop'] / med['vectorised']:.1f}x")
+    speedup = {}
+    for routing in ('init', 'spread'):
+        if routing == 'spread': spread_routing(moe, a.batch)
+        used = moe.router(x)[1].unique().numel()
+        med = time_both(moe, x, a.runs)
+        print(f'  routing {routing} ({used} of {a.num_experts} experts used)')
+        for k, v in med.items(): print(f'    {k:16s} {v * 1e3:8.2f} ms')
+        speedup[routing] = med['per-sample loop'] / med['vectorised']
+    print(f"moe speedup, routing as initialised: {speedup['init']:.1f}x")
+    print(f"moe speedup: {speedup['spread']:.1f}x")
 
 if __name__ == '__main__':
     main()
