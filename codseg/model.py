@@ -104,12 +104,15 @@ class CueExperts(nn.Module):
         counts = torch.bincount(idx, minlength=len(self.views)).tolist()
         return torch.cat([view(xs) for view, xs in zip(self.views, x.split(counts)) if len(xs)])
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        "Item n through expert idx[n], times gate[n]."
         N, C, H, W = x.shape
         w = lambda p: p.index_select(0, idx)  # each item's copy of its expert's parameter
-        y = F.group_norm(self.look(x, idx), GN_GROUPS) * w(self.norm_weight)[..., None, None] + w(self.norm_bias)[..., None, None]
-        y = torch.baddbmm(w(self.bias1)[..., None], w(self.mix1), y.flatten(2))
-        y = torch.baddbmm(w(self.bias2)[..., None], w(self.mix2), F.gelu(y))
+        mix1, g = w(self.mix1), gate[:, None, None]
+        w1 = mix1 * w(self.norm_weight)[:, None, :]                                      # GN's scale, folded
+        b1 = torch.baddbmm(w(self.bias1)[..., None], mix1, w(self.norm_bias)[..., None])  # GN's shift, folded
+        y = torch.baddbmm(b1, w1, F.group_norm(self.look(x, idx), GN_GROUPS).flatten(2))
+        y = torch.baddbmm(w(self.bias2)[..., None] * g, w(self.mix2) * g, F.gelu(y))
         return y.view(N, C, H, W)
 
 # %% ../nbs/04_model.ipynb #380043e8
@@ -138,8 +141,8 @@ class CueMoE(nn.Module):
         gates, idx, balance = self.router(x)
         order = idx.flatten().argsort()                      # the (image, expert) pairs, grouped by expert
         expert, image = idx.flatten()[order], order // idx.shape[1]
-        y = self.experts(x.index_select(0, image), expert)
-        return x.index_add(0, image, (gates.flatten()[order, None, None, None] * y).to(x.dtype)), balance
+        y = self.experts(x.index_select(0, image), expert, gates.flatten()[order])
+        return x.index_add(0, image, y.to(x.dtype)), balance
 
     def forward_per_sample(self, x: torch.Tensor):
         "The same computation with a Python loop over samples and their top-k experts (reference and benchmark)."
@@ -147,7 +150,7 @@ class CueMoE(nn.Module):
         out = []
         for b in range(x.shape[0]):
             xb = x[b:b + 1]
-            out.append(xb + sum(gates[b, j] * self.experts(xb, idx[b, j:j + 1]) for j in range(idx.shape[1])))
+            out.append(xb + sum(self.experts(xb, idx[b, j:j + 1], gates[b, j:j + 1]) for j in range(idx.shape[1])))
         return torch.cat(out), balance
 
 # %% ../nbs/04_model.ipynb #f64e6932
