@@ -1,9 +1,9 @@
 """MoE block speed: the vectorised CueMoE against the same experts applied by a per-sample loop with top-k.
 
 Forward + backward of `codseg.model.CueMoE` on a batch of 8 at the size where CODNet uses it (the coarsest
-decoder map: `decoder_channels` wide, input size / coarsest backbone stride), both versions timed alternately,
-median of several runs. The vectorised block runs one depthwise conv per expert the batch uses, so its time
-depends on the routing; two routings are timed:
+decoder map: `decoder_channels` wide, input size / coarsest backbone stride): `CueMoE.forward` (all (image,
+expert) pairs at once) against `CueMoE.forward_per_sample` (a loop over images and their top-k picks, each expert
+written out plainly with `F.conv2d`), both timed alternately, median of several runs. Two routings:
 
 - `init`: the router as initialised, on random features (it sends the batch to a few experts only);
 - `spread`: the same router with its picks spread over all experts, as after training with the balance loss.
@@ -38,7 +38,8 @@ def time_both(moe: CueMoE, x: torch.Tensor, runs: int) -> dict:
     fns = {'vectorised': moe.forward, 'per-sample loop': moe.forward_per_sample}
     (y1, _), (y2, _) = moe(x), moe.forward_per_sample(x)
     assert torch.allclose(y1, y2, atol=1e-4), 'the two versions disagree'
-    for fn in fns.values(): step(fn); step(fn)  # warm-up
+    for _ in range(10):  # warm-up: the first steps of a process run slower (allocator, oneDNN primitive caches)
+        for fn in fns.values(): step(fn)
     times = {k: [] for k in fns}
     for _ in range(runs):
         for k, fn in fns.items(): times[k].append(step(fn))
@@ -68,9 +69,9 @@ def main(argv=None):
         if routing == 'spread': spread_routing(moe, a.batch)
         used = moe.router(x)[1].unique().numel()
         med = time_both(moe, x, a.runs)
-        print(f'  routing {routing} ({used} of {a.num_experts} experts used)')
-        for k, v in med.items(): print(f'    {k:16s} {v * 1e3:8.2f} ms')
         speedup[routing] = med['per-sample loop'] / med['vectorised']
+        print(f'  routing {routing} ({used} of {a.num_experts} experts used): {speedup[routing]:.2f}x')
+        for k, v in med.items(): print(f'    {k:16s} {v * 1e3:8.2f} ms')
     print(f"moe speedup, routing as initialised: {speedup['init']:.1f}x")
     print(f"moe speedup: {speedup['spread']:.1f}x")
 

@@ -103,7 +103,7 @@ class StageCB(Callback):
     def _wrap(self, learn):
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [self.dist.device.index] if self.dist.device.type == 'cuda' else None
-        learn.model = DDP(learn.core, device_ids=ids, find_unused_parameters=True)  # top-k leaves experts unused
+        learn.model = DDP(learn.core, device_ids=ids, find_unused_parameters=False)  # every parameter gets a gradient (experts stacked)
         learn.no_sync = learn.model.no_sync
 
 # %% ../nbs/10_train.ipynb #3bc0c914
