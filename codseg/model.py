@@ -125,7 +125,7 @@ class CueExperts(nn.Module):
         (ch, cw), at = dilation_canvas(H, W, self.dilations, x.device)
         at = (at.index_select(0, e) * n + torch.arange(n, device=x.device)[:, None]).flatten()  # canvas row per pixel
         px = x.permute(0, 2, 3, 1)[:, None].expand(B, idx.shape[1], H, W, C).reshape(-1, C)    # each pair's pixels
-        canvas = x.new_zeros(ch * cw * n, C).index_copy(0, at, px).view(1, ch, cw, n * C).permute(0, 3, 1, 2)
+        canvas = x.new_zeros(ch * cw * n, C).index_copy_(0, at, px).view(1, ch, cw, n * C).permute(0, 3, 1, 2)
         y = F.conv2d(canvas, self.kernels().index_select(0, e).view(n * C, 1, 3, 3), padding=1, groups=n * C)
         return y.permute(0, 2, 3, 1).reshape(-1, C).index_select(0, at).view(n, H, W, C).permute(0, 3, 1, 2)
 
