@@ -287,7 +287,8 @@ class Run:
         try: self.model.load_state_dict(model_state(self.ckpt))
         except RuntimeError as e:
             raise ValueError(f'{self.src}: its weights do not fit this model ({str(e)[:300]}...): pass the --backbone '
-                             'and --num-experts it was trained with') from None
+                             'and --num-experts it was trained with; if they match, an earlier codseg version with a '
+                             'different model wrote it: resume it with that version') from None
 
     @property
     def full(self): return self.ckpt is not None and 'epoch' in self.ckpt
