@@ -133,6 +133,21 @@ def test_refuses_other_architecture(data, tmp_path):
     r = codseg('train', *args[:-4], '--num-experts', 4, '--checkpoint-dir', ck, '--resume-from', 'auto', check=False)
     assert r.returncode == 1 and '--num-experts 3' in r.stderr and '--num-experts 4' in r.stderr
 
+def test_refuses_weights_of_another_model(data, tmp_path):
+    "A checkpoint whose weights do not fit (same flags, a model laid out differently) is refused; nothing is written."
+    ck = tmp_path/'ck'
+    args = ['--dataset-path', data, '--backbone', 'edgenext_xx_small', '--no-pretrained', '--img-size', 64,
+            '--epochs', 2, '--stage1-epochs', 1, '--num-workers', 0, '--num-experts', 3, '--checkpoint-dir', ck]
+    codseg('train', *args, '--stop-after', 1)
+    state = torch.load(ck/'last.pth', weights_only=True)
+    view = state['model'].pop('moe.experts.view')  # as an earlier codseg wrote its experts: one conv per expert
+    state['model'].update({f'moe.experts.views.{e}.weight': v[:, None] for e, v in enumerate(view)})
+    torch.save(state, ck/'last.pth')
+    before = {p.name: p.read_bytes() for p in ck.iterdir()}
+    r = codseg('train', *args, '--resume-from', 'auto', check=False)
+    assert r.returncode == 1 and 'do not fit this model' in r.stderr and 'earlier codseg version' in r.stderr, r.stderr
+    assert {p.name: p.read_bytes() for p in ck.iterdir()} == before
+
 def test_dry_run_writes_nothing(data, tmp_path):
     r = codseg('train', '--dataset-path', data, '--checkpoint-dir', tmp_path/'ck', '--dry-run', '--no-pretrained',
                '--backbone', 'edgenext_xx_small')
