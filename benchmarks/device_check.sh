@@ -8,7 +8,7 @@
 #   5. NCCL: a one-process torchrun (one GPU: two NCCL ranks cannot share it);
 #   6. --compile, last (its first compile takes minutes).
 # Each step has its own time limit; the log goes to $OUT/device_check.log when OUT is set (the device tool), else
-# to ./device_check.log. Usage:
+# to /tmp/device_check.log. Usage:
 #   bash benchmarks/device_check.sh            # on the GPU machine
 #   DEVICE=cpu IMG=128 MEM=edgenext_xx_small bash benchmarks/device_check.sh
 #                                              # wiring check on a CPU machine (fp16, NCCL and compile skipped)
@@ -22,7 +22,7 @@
 set -u
 cd "$(dirname "$0")/.."
 DEVICE=${DEVICE:-cuda} IMG=${IMG:-256} MEM=${MEM:-edgenext_small edgenext_base}
-LOG=${OUT:-.}/device_check.log
+LOG=${OUT:-/tmp}/device_check.log
 PY=${PYTHON:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CODSEG_CACHE=/tmp/codseg-cache
 if ls .whl/*.whl >/dev/null 2>&1; then

@@ -125,10 +125,14 @@ def test_divergence_keeps_checkpoints(data, tmp_path):
     assert r.returncode == 1 and 'reduce --stage2-lr' in r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
     assert {f: sha(ck/f) for f in before} == before
 
+def small_run(data, ck):
+    "Flags of a 2-epoch run at 64 px with 3 experts, ending with --checkpoint-dir `ck`."
+    return ['--dataset-path', data, '--backbone', 'edgenext_xx_small', '--no-pretrained', '--img-size', 64,
+            '--epochs', 2, '--stage1-epochs', 1, '--num-workers', 0, '--num-experts', 3, '--checkpoint-dir', ck]
+
 def test_refuses_other_architecture(data, tmp_path):
     ck = tmp_path/'ck'
-    args = ['--dataset-path', data, '--backbone', 'edgenext_xx_small', '--no-pretrained', '--img-size', 64,
-            '--epochs', 2, '--stage1-epochs', 1, '--num-workers', 0, '--num-experts', 3, '--checkpoint-dir', ck]
+    args = small_run(data, ck)
     codseg('train', *args, '--stop-after', 1)
     r = codseg('train', *args[:-4], '--num-experts', 4, '--checkpoint-dir', ck, '--resume-from', 'auto', check=False)
     assert r.returncode == 1 and '--num-experts 3' in r.stderr and '--num-experts 4' in r.stderr
@@ -136,8 +140,7 @@ def test_refuses_other_architecture(data, tmp_path):
 def test_refuses_weights_of_another_model(data, tmp_path):
     "A checkpoint whose weights do not fit (same flags, a model laid out differently) is refused; nothing is written."
     ck = tmp_path/'ck'
-    args = ['--dataset-path', data, '--backbone', 'edgenext_xx_small', '--no-pretrained', '--img-size', 64,
-            '--epochs', 2, '--stage1-epochs', 1, '--num-workers', 0, '--num-experts', 3, '--checkpoint-dir', ck]
+    args = small_run(data, ck)
     codseg('train', *args, '--stop-after', 1)
     state = torch.load(ck/'last.pth', weights_only=True)
     view = state['model'].pop('moe.experts.view')  # as an earlier codseg wrote its experts: one conv per expert
