@@ -100,12 +100,11 @@ class CueExperts(nn.Module):
         self.dilations = tuple(dilations)
         self.register_buffer('zero_sum', torch.tensor([c == 'texture' for c in self.cues]), persistent=False)
         self.view = nn.Parameter(torch.empty(E, C, 3, 3).uniform_(-1 / 3, 1 / 3))  # as nn.Conv2d starts a depthwise 3x3
-        self.norm_weight, self.norm_bias = nn.Parameter(torch.ones(E, C)), nn.Parameter(torch.zeros(E, C))
         self.mix1 = nn.Parameter(torch.randn(E, C, C) / math.sqrt(C))
         self.mix2 = nn.Parameter(torch.randn(E, C, C) * 0.02)  # small: the block starts close to identity
         self.bias1, self.bias2 = nn.Parameter(torch.zeros(E, C)), nn.Parameter(torch.zeros(E, C))
 
-    no_decay = ('norm_weight', 'norm_bias', 'bias1', 'bias2')  # per-expert norm scales/shifts and biases (2-D)
+    no_decay = ('bias1', 'bias2')  # the experts' biases (2-D, so not caught by the usual 1-D rule)
 
     def kernels(self) -> torch.Tensor:
         "Each expert's 3x3 kernels, (E, C, 3, 3); the texture experts' made to sum to zero."
@@ -115,32 +114,37 @@ class CueExperts(nn.Module):
         "Expert `e` on `x`, written out plainly."
         d = self.dilations[e]
         y = F.conv2d(x, self.kernels()[e][:, None], padding=d, dilation=d, groups=x.shape[1])
-        y = F.group_norm(y, GN_GROUPS, self.norm_weight[e], self.norm_bias[e])
+        y = F.group_norm(y, GN_GROUPS)
         y = F.gelu(F.conv2d(y, self.mix1[e][..., None, None], self.bias1[e]))
         return F.conv2d(y, self.mix2[e][..., None, None], self.bias2[e])
 
-    def look(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        "Each (image, chosen expert) pair's view of `x` (B,C,H,W), idx (B,k): (B*k, C, H, W), channels-last."
+    def pair_weights(self, e: torch.Tensor) -> tuple:
+        "Each pair's copy of its expert's kernels (n,C,3,3), mix1, bias1, mix2, bias2, for expert ids `e` (n,), in one gather."
+        E, C = self.view.shape[:2]
+        ws = (self.kernels(), self.mix1, self.bias1, self.mix2, self.bias2)
+        per_pair = torch.cat([w.view(E, -1) for w in ws], 1).index_select(0, e)
+        return [p.view(-1, *w.shape[1:]) for p, w in zip(per_pair.split([w[0].numel() for w in ws], 1), ws)]
+
+    def look(self, x: torch.Tensor, idx: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+        "Each (image, chosen expert) pair's view of `x` (B,C,H,W) through its `kernels` (B*k,C,3,3); idx (B,k): (B*k, H*W, C)."
         B, C, H, W = x.shape; n, e = idx.numel(), idx.flatten()
         (ch, cw), at = dilation_canvas(H, W, self.dilations, x.device)
         at = (at.index_select(0, e) * n + torch.arange(n, device=x.device)[:, None]).flatten()  # canvas row per pixel
         px = x.permute(0, 2, 3, 1)[:, None].expand(B, idx.shape[1], H, W, C).reshape(-1, C)    # each pair's pixels
         canvas = x.new_zeros(ch * cw * n, C).index_copy_(0, at, px).view(1, ch, cw, n * C).permute(0, 3, 1, 2)
-        y = F.conv2d(canvas, self.kernels().index_select(0, e).view(n * C, 1, 3, 3), padding=1, groups=n * C)
-        return y.permute(0, 2, 3, 1).reshape(-1, C).index_select(0, at).view(n, H, W, C).permute(0, 3, 1, 2)
+        y = F.conv2d(canvas, kernels.reshape(n * C, 1, 3, 3), padding=1, groups=n * C)
+        return y.permute(0, 2, 3, 1).reshape(-1, C).index_select(0, at).view(n, H * W, C)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         "Sum over j of gates[:, j] * expert idx[:, j] of each image of `x` (B,C,H,W); idx, gates (B,k)."
-        B, C, H, W = x.shape
-        e = idx.flatten()
-        w = lambda p: p.index_select(0, e)  # each pair's copy of its expert's parameter
-        mix1, g = w(self.mix1), gates.flatten()[:, None, None]
-        w1 = mix1 * w(self.norm_weight)[:, None, :]                                      # GN's scale, folded
-        b1 = torch.baddbmm(w(self.bias1)[..., None], mix1, w(self.norm_bias)[..., None])  # GN's shift, folded
-        y = F.group_norm(self.look(x, idx), GN_GROUPS).permute(0, 2, 3, 1).reshape(len(e), H * W, C)
-        y = torch.baddbmm(b1.transpose(1, 2), y, w1.transpose(1, 2))                     # pixels x channels
-        y = torch.baddbmm(w(self.bias2)[:, None] * g, F.gelu(y), (w(self.mix2) * g).transpose(1, 2))
-        return y.view(B, -1, H, W, C).sum(1).permute(0, 3, 1, 2)
+        (B, C, H, W), (_, k) = x.shape, idx.shape
+        kernels, mix1, bias1, mix2, bias2 = self.pair_weights(idx.flatten())
+        y = self.look(x, idx, kernels)                                               # (pairs, pixels, channels)
+        y = F.group_norm(y.view(-1, H, W, C).permute(0, 3, 1, 2), GN_GROUPS).permute(0, 2, 3, 1).reshape(y.shape)
+        y = torch.baddbmm(bias1[:, None], y, mix1.transpose(1, 2))
+        y = torch.baddbmm(bias2[:, None], F.gelu(y), mix2.transpose(1, 2))
+        y = torch.bmm(gates.view(B, 1, k).to(y.dtype), y.view(B, k, H * W * C))       # gated sum over each image's picks
+        return y.view(B, H, W, C).permute(0, 3, 1, 2)
 
 # %% ../nbs/04_model.ipynb #c49900d2
 class Router(nn.Module):
