@@ -8,24 +8,38 @@ written out plainly with `F.conv2d`), both timed alternately, median of several 
 - `init`: the router as initialised, on random features (it sends the batch to a few experts only);
 - `spread`: the same router with its picks spread over all experts, as after training with the balance loss.
 
-Prints one line per version and routing, then the `init` figure, then `moe speedup: N.Nx` last: the `spread`
-figure, the one a trained model sees.
+And two settings of glibc's malloc, in this order: as it comes, then keeping freed memory for reuse. As it comes,
+glibc hands blocks over 128 KB back to the OS when they are freed and page-faults them in again when the next step
+allocates them, which taxes only the batched code (the loop's tensors are smaller than that). PyTorch on a GPU
+reuses freed blocks through its caching allocator, and PyTorch's performance tuning guide suggests an allocator
+that reuses them on CPU (jemalloc, tcmalloc); `keep_freed_memory` has glibc do the same, through `mallopt`.
+
+Prints one line per setting, routing and version; then the `init` figure and the `spread` figure with malloc as it
+comes; then `moe speedup: N.Nx` last: the `spread` routing with freed memory kept (what a trained router sees, on
+an allocator that reuses memory as PyTorch's does on a GPU).
 
     python benchmarks/moe_speed.py [--img-size 384] [--batch 8] [--runs 21] [--device auto]
 """
-import argparse, statistics, time
+import argparse, ctypes, statistics, time
 import torch
 from codseg.config import Config
 from codseg.model import CueMoE
 
 def spread_routing(moe: CueMoE, batch: int):
     "Replace the router's picks by ones spread evenly over the experts (gates and balance loss still computed)."
-    E, k, route = moe.router.proj.out_features, moe.router.top_k, moe.router.forward
+    E, k, route = moe.router.proj.out_features, moe.router.top_k, type(moe.router).forward.__get__(moe.router)
     picks = (torch.arange(batch * k) % E).view(batch, k)  # k consecutive experts per image: distinct as k <= E
     def forward(x):
         gates, idx, balance = route(x)
         return gates, picks.to(idx.device), balance
     moe.router.forward = forward
+
+def keep_freed_memory() -> bool:
+    "Have glibc keep freed blocks for reuse instead of returning them to the OS; False where libc is not glibc."
+    try: mallopt = ctypes.CDLL('libc.so.6').mallopt
+    except (OSError, AttributeError): return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20) and mallopt(M_TRIM_THRESHOLD, 64 << 20))  # 32 MB: glibc's maximum
 
 def time_both(moe: CueMoE, x: torch.Tensor, runs: int) -> dict:
     "Median seconds of forward+backward for the vectorised block and the per-sample loop, timed alternately."
@@ -65,15 +79,21 @@ def main(argv=None):
     print(f'CueMoE forward+backward, batch {a.batch}, {a.channels} ch, {s}x{s} map (img {a.img_size} / stride {a.stride}), '
           f'{a.num_experts} experts, top-{a.top_k}, {dev}, torch threads {torch.get_num_threads()}, median of {a.runs}')
     speedup = {}
-    for routing in ('init', 'spread'):
-        if routing == 'spread': spread_routing(moe, a.batch)
-        used = moe.router(x)[1].unique().numel()
-        med = time_both(moe, x, a.runs)
-        speedup[routing] = med['per-sample loop'] / med['vectorised']
-        print(f'  routing {routing} ({used} of {a.num_experts} experts used): {speedup[routing]:.2f}x')
-        for k, v in med.items(): print(f'    {k:16s} {v * 1e3:8.2f} ms')
-    print(f"moe speedup, routing as initialised: {speedup['init']:.1f}x")
-    print(f"moe speedup: {speedup['spread']:.1f}x")
+    for malloc in ('as it comes', 'keeping freed memory'):
+        if malloc != 'as it comes' and not keep_freed_memory(): break
+        print(f' malloc {malloc}:')
+        for routing in ('init', 'spread'):
+            if routing == 'init': moe.router.__dict__.pop('forward', None)  # the router's own forward
+            else: spread_routing(moe, a.batch)
+            used = moe.router(x)[1].unique().numel()
+            med = time_both(moe, x, a.runs)
+            speedup[malloc, routing] = med['per-sample loop'] / med['vectorised']
+            print(f'  routing {routing} ({used} of {a.num_experts} experts used): {speedup[malloc, routing]:.2f}x')
+            for k, v in med.items(): print(f'    {k:16s} {v * 1e3:8.2f} ms')
+    last = malloc if (malloc, 'spread') in speedup else 'as it comes'
+    print(f"moe speedup, malloc {last}, routing as initialised: {speedup[last, 'init']:.1f}x")
+    print(f"moe speedup, malloc as it comes: {speedup['as it comes', 'spread']:.1f}x")
+    print(f"moe speedup: {speedup[last, 'spread']:.1f}x")
 
 if __name__ == '__main__':
     main()
