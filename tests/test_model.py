@@ -130,3 +130,4 @@ def test_moe_benchmark_runs():
     lines = r.stdout.strip().splitlines()
     assert re.fullmatch(r'moe speedup: \d+\.\dx', lines[-1]), r.stdout
     assert '(7 of 7 experts used)' in r.stdout, r.stdout  # the headline routing really spreads over every expert
+    assert re.search(r'^moe speedup, malloc as it comes: \d+\.\dx$', r.stdout, re.M), r.stdout  # the default-malloc figure is shown too
