@@ -118,7 +118,7 @@ class CueExperts(nn.Module):
         y = F.gelu(F.conv2d(y, self.mix1[e][..., None, None], self.bias1[e]))
         return F.conv2d(y, self.mix2[e][..., None, None], self.bias2[e])
 
-    def pair_weights(self, e: torch.Tensor) -> tuple:
+    def pair_weights(self, e: torch.Tensor) -> list:
         "Each pair's copy of its expert's kernels (n,C,3,3), mix1, bias1, mix2, bias2, for expert ids `e` (n,), in one gather."
         E, C = self.view.shape[:2]
         ws = (self.kernels(), self.mix1, self.bias1, self.mix2, self.bias2)
