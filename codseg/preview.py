@@ -47,7 +47,8 @@ def plot_plan(plan: Plan, ax=None, log: bool = False):
     rows = _thin(plan, list(plan.rows()))
     x = [r.epoch for r in rows]
     ax.plot(x, [r.lr for r in rows], lw=1.3, label='decoder')
-    ax.plot(x, [r.backbone_lr for r in rows], lw=1.3, label=f'backbone (x{plan.settings.backbone_lr_mult} in Stage 2)')
+    mult = plan.settings.backbone_lr_mult
+    ax.plot(x, [r.backbone_lr for r in rows], lw=1.3, label=f'backbone (x{mult} in Stage 2)')
     _marks(plan, ax)
     if log: ax.set_yscale('log')
     ax.set_xlim(*_xlim(plan))
@@ -228,7 +229,8 @@ def lr_widget(cfg: Config | None = None, n_train: int | None = None, world_size:
         print(plan.summary())
         return c
     try: import ipywidgets as W
-    except ImportError: return SimpleNamespace(result=pick(**{n: getattr(cfg, n) for n in WIDGET_FIELDS}), children=())
+    except ImportError:
+        return SimpleNamespace(result=pick(**{n: getattr(cfg, n) for n in WIDGET_FIELDS}), children=())
     w = W.interactive(pick, **_controls(cfg))
     if not static:
         from IPython.display import display

@@ -59,7 +59,7 @@ class Cycle(NamedTuple):
     length: float  # steps in the cycle
 
 def restart_cycles(total: int, c0, m) -> tuple:
-    "The `Cycle`s of a cosine_restart curve over steps 0..total-1: `c0` steps, each next one `m` times longer."
+    "The `Cycle`s of a cosine_restart curve over steps 0..total-1: `c0` steps, each next `m` times longer."
     out, start, c = [], Fraction(0), Fraction(c0)
     while start < total:
         out.append(Cycle(math.ceil(start), float(start), float(c)))
@@ -115,7 +115,7 @@ class Curve:
     cycles: Callable | None = None  # (settings, steps per epoch, n) -> its restart Cycles over n steps
 
 def _restart_cycles(s: PlanSettings, steps: int, n: int) -> tuple:
-    "cosine_restart's cycles over `n` steps: the first `--t0` epochs (default: three whole cycles), then x `--t-mult`."
+    "cosine_restart's cycles over `n` steps: the first `--t0` epochs (else three whole cycles), each next x `--t-mult`."
     m = Fraction(s.t_mult)
     c0 = Fraction(s.t0) * steps if s.t0 is not None else Fraction(n) / (1 + m + m * m)
     return restart_cycles(n, c0, m) if c0 > 0 else ()
@@ -127,13 +127,15 @@ def _cycle_epochs(g) -> str:
 CURVES: dict[str, Curve] = {  # the names --scheduler and --stage1-scheduler take
     'onecycle': Curve(
         lr=lambda g, t, n: onecycle(t, n, g.peak, g.pct_start),
-        words=lambda g: f'onecycle up to {fmt_lr(g.peak)} (pct_start {g.pct_start}), down to {fmt_lr(g.peak / 25 / 1e4)}'),
+        words=lambda g: (f'onecycle up to {fmt_lr(g.peak)} (pct_start {g.pct_start}), '
+                         f'down to {fmt_lr(g.peak / 25 / 1e4)}')),
     'cosine': Curve(
         lr=lambda g, t, n: cos_anneal(g.peak, g.min_lr, t / (n - 1)) if n > 1 else g.peak,
         words=lambda g: f'cosine from {fmt_lr(g.peak)} to {fmt_lr(g.min_lr)}', uses_floor=True),
     'cosine_restart': Curve(
         lr=lambda g, t, n: restart_lr(t, g.cycles, g.peak, g.min_lr),
-        words=lambda g: f'cosine_restart from {fmt_lr(g.peak)} to {fmt_lr(g.min_lr)} in cycles of {_cycle_epochs(g)} epochs',
+        words=lambda g: (f'cosine_restart from {fmt_lr(g.peak)} to {fmt_lr(g.min_lr)} '
+                         f'in cycles of {_cycle_epochs(g)} epochs'),
         uses_floor=True, cycles=_restart_cycles),
     'none': Curve(lr=lambda g, t, n: g.peak, words=lambda g: f'constant {fmt_lr(g.peak)}'),
 }
@@ -159,7 +161,7 @@ class Segment:
     def curve(self) -> Curve: return CURVES[self.kind]
 
     def lr(self, s: int) -> float:
-        "Decoder LR at step `s` (0-based) of this segment: the warmup, then the curve over the remaining steps."
+        "Decoder LR at step `s` (0-based) of this segment: the warmup, then the curve over the steps left."
         if s < self.warmup: return self.min_lr + (self.peak - self.min_lr) * s / self.warmup
         return self.curve.lr(self, s - self.warmup, self.n - self.warmup)
 
@@ -174,7 +176,8 @@ def _check(s: PlanSettings, n_train: int, world_size: int):
     for k in ('epochs', 'batch_size', 'stage2_batch_size', 'accumulation_steps'):
         need(getattr(s, k) >= 1, f'{_flag(k)} {getattr(s, k)} must be at least 1')
     for k in ('stage1_scheduler', 'scheduler'):
-        need(getattr(s, k) in CURVES, f"{_flag(k)} {getattr(s, k)} is not a curve: give one of {', '.join(CURVES)}")
+        v = getattr(s, k)
+        need(v in CURVES, f"{_flag(k)} {v} is not a curve: give one of {', '.join(CURVES)}")
     need(s.stage1_epochs >= 0, f'--stage1-epochs {s.stage1_epochs} is negative: give 0 or more')
     need(s.stage1_epochs <= s.epochs, f'--stage1-epochs {s.stage1_epochs} is above --epochs {s.epochs}: '
          'lower --stage1-epochs or raise --epochs (--epochs counts both stages)')
@@ -335,7 +338,8 @@ def _curve_words(g: Segment, mult: float) -> str:
     "A segment's curve in words: its warmup, its curve's words, the backbone."
     words = g.curve.words(g)
     if g.warmup:
-        words = f'warmup {g.warmup // g.steps} epochs ({g.warmup} steps) from {fmt_lr(g.min_lr)} to {fmt_lr(g.peak)}, then {words}'
+        words = (f'warmup {g.warmup // g.steps} epochs ({g.warmup} steps) from {fmt_lr(g.min_lr)} '
+                 f'to {fmt_lr(g.peak)}, then {words}')
     return words + ('; backbone frozen (LR 0)' if g.stage == 1 else f'; backbone LR = {mult} x decoder LR')
 
 def _stage_lines(plan: Plan, g: Segment) -> list:
