@@ -8,8 +8,8 @@ import argparse, sys, typing
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
-from .config import Config, Scheduler, add_args, from_args, resolve
-from .schedule import Plan, PlanError, make_plan, resume_plan, cycle_starts, key_steps, fmt_lr
+from .config import Config, add_args, from_args
+from .schedule import CURVES, Plan, PlanError, Row, make_plan, resume_plan, cycle_starts, key_steps, fmt_lr
 
 # %% auto #0
 __all__ = ['CSV_COLUMNS', 'WIDGET_FIELDS', 'train_count', 'write_csv', 'plot_plan', 'read_resume', 'preview_plan',
@@ -27,7 +27,7 @@ def train_count(cfg: Config, train_size: int | None) -> int:
     return train_size(cfg)
 
 # %% ../nbs/08_preview.ipynb #3a27413b
-CSV_COLUMNS = 'step,epoch,stage,lr,backbone_lr'
+CSV_COLUMNS = ','.join(Row._fields)
 
 def write_csv(plan: Plan, path) -> Path:
     "Write one row per optimizer step of `plan` to `path` (columns CSV_COLUMNS)."
@@ -35,7 +35,7 @@ def write_csv(plan: Plan, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, 'w', newline='') as f:
         f.write(CSV_COLUMNS + '\n')
-        f.writelines(f'{s},{e!r},{st},{d!r},{b!r}\n' for s, e, st, d, b in plan.rows())
+        f.writelines(f'{r.step},{r.epoch!r},{r.stage},{r.lr!r},{r.backbone_lr!r}\n' for r in plan.rows())
     return path
 
 # %% ../nbs/08_preview.ipynb #6aedc934
@@ -45,17 +45,30 @@ def plot_plan(plan: Plan, ax=None, log: bool = False):
         import matplotlib.pyplot as plt
         ax = plt.subplots(figsize=(8, 3.2))[1]
     rows = _thin(plan, list(plan.rows()))
-    x = [r[1] for r in rows]
-    ax.plot(x, [r[3] for r in rows], lw=1.3, label='decoder')
-    ax.plot(x, [r[4] for r in rows], lw=1.3, label=f"backbone (x{plan.settings['backbone_lr_mult']} in Stage 2)")
+    x = [r.epoch for r in rows]
+    ax.plot(x, [r.lr for r in rows], lw=1.3, label='decoder')
+    mult = plan.settings.backbone_lr_mult
+    ax.plot(x, [r.backbone_lr for r in rows], lw=1.3, label=f'backbone (x{mult} in Stage 2)')
     _marks(plan, ax)
     if log: ax.set_yscale('log')
-    ax.set_xlim(plan.start_epoch, plan.epochs)
-    ax.set_xlabel('epochs completed'); ax.set_ylabel('LR')
-    ax.set_title(f"Stage 1 {plan.settings['stage1_scheduler']}, Stage 2 {plan.settings['scheduler']}: "
-                 f'{plan.n_train} items, {plan.end_step - plan.first_step(plan.start_epoch)} steps', fontsize=9)
+    ax.set_xlim(*_xlim(plan))
+    ax.set_xlabel('epochs completed')
+    ax.set_ylabel('LR')
+    ax.set_title(_title(plan), fontsize=9)
     ax.legend(fontsize=7, loc='best')
     return ax
+
+def _title(plan: Plan) -> str:
+    "The plot's title: the plan's stages and their curves, a re-plan's origin, the items and steps."
+    stages = ', '.join(f'Stage {g.stage} {g.kind}' for g in plan.segments)
+    replan = f' (re-planned from Epoch {plan.origin + 1})' if plan.origin else ''
+    return f'{stages}{replan}: {plan.n_train} items, {plan.end_step - plan.first_step(plan.start_epoch)} steps'
+
+def _xlim(plan: Plan) -> tuple:
+    "The epochs shown: the plan's; a re-plan's start 3% of the span before its origin, so its marker shows."
+    if not plan.origin: return plan.start_epoch, plan.epochs
+    left = min(plan.origin, plan.start_epoch)
+    return left - 0.03 * (plan.epochs - left), plan.epochs
 
 def _thin(plan: Plan, rows: list, most: int = 4000) -> list:
     "About `most` of `rows` for drawing, keeping the key steps and the step before each (the jumps stay sharp)."
@@ -74,7 +87,8 @@ def _marks(plan: Plan, ax):
     for i, s in enumerate(cycle_starts(plan)):
         e, k = plan.epoch_of(s)
         ax.axvline(e + k / plan.steps_per_epoch(e), color='gray', ls=':', lw=.9, label='restart' if i == 0 else None)
-    if plan.origin: ax.axvline(plan.origin, color='tab:red', ls='-.', lw=.9, label=f're-plan (Epoch {plan.origin + 1})')
+    if plan.origin:
+        ax.axvline(plan.origin, color='tab:red', ls='-.', lw=1.4, label=f're-plan (Epoch {plan.origin + 1})')
 
 # %% ../nbs/08_preview.ipynb #74a874a1
 def _parser() -> argparse.ArgumentParser:
@@ -159,7 +173,9 @@ def guide_commands(guide) -> list:
 
 # %% ../nbs/08_preview.ipynb #df8feba4
 WIDGET_FIELDS = ('scheduler', 'lr', 'stage2_lr', 'min_lr', 'warmup_epochs', 't0', 't_mult', 'epochs', 'stage1_epochs',
-                 'batch_size', 'stage2_batch_size', 'accumulation_steps')
+                 'batch_size', 'stage2_batch_size', 'accumulation_steps', 'stage1_scheduler', 'pct_start',
+                 'backbone_lr_mult', 'skip_stage1')
+_UNSET = {'stage2_lr': '0: --lr', 'stage2_batch_size': '0: --batch-size', 't0': '0: auto'}  # 0 leaves these unset
 
 def _widgets_render() -> bool:
     "Whether widgets can render here: ipywidgets installed and a Jupyter kernel behind IPython."
@@ -170,16 +186,18 @@ def _widgets_render() -> bool:
     return getattr(get_ipython(), 'kernel', None) is not None
 
 def _controls(cfg: Config) -> dict:
-    "An ipywidgets control per WIDGET_FIELDS entry, set from `cfg`."
+    "An ipywidgets control per WIDGET_FIELDS entry, set from `cfg` as given (unset settings show 0)."
     import ipywidgets as W
-    r, hints = resolve(cfg), typing.get_type_hints(Config)
-    kw = lambda n: dict(description=('--t0 (0: auto)' if n == 't0' else '--' + n.replace('_', '-')),
-                        style={'description_width': '150px'}, layout=W.Layout(width='300px'))
+    hints = typing.get_type_hints(Config)
     def make(n):
-        if n == 'scheduler': return W.Dropdown(options=typing.get_args(Scheduler), value=r.scheduler, **kw(n))
-        if n == 't0': return W.FloatText(value=r.t0 or 0.0, **kw(n))
+        hint = f' ({_UNSET[n]})' if n in _UNSET else ''
+        kw = dict(description='--' + n.replace('_', '-') + hint, style={'description_width': '170px'},
+                  layout=W.Layout(width='320px'))
+        v = getattr(cfg, n)
+        if n.endswith('scheduler'): return W.Dropdown(options=list(CURVES), value=v, **kw)
         base = next((t for t in typing.get_args(hints[n]) if t is not type(None)), hints[n])  # Optional[int] -> int
-        return (W.IntText if base is int else W.FloatText)(value=getattr(r, n), **kw(n))
+        if base is bool: return W.Checkbox(value=v, indent=False, **kw)
+        return (W.IntText if base is int else W.FloatText)(value=0 if v is None else v, **kw)
     return {n: make(n) for n in WIDGET_FIELDS}
 
 def _show(plan: Plan, static: bool):
@@ -200,15 +218,19 @@ def lr_widget(cfg: Config | None = None, n_train: int | None = None, world_size:
     static = not _widgets_render() if static is None else static
     drawn = []
     def pick(**values):
-        c = replace(cfg, **{**values, 't0': values['t0'] or None})
+        c = replace(cfg, **{n: (v or None) if n in _UNSET else v for n, v in values.items()})
         try: plan = make_plan(c, n_train, world_size)
-        except PlanError as e: print(f'codseg: {e}'); return None
-        if not (static and drawn): _show(plan, static); drawn.append(1)
+        except PlanError as e:
+            print(f'codseg: {e}')
+            return None
+        if not (static and drawn):
+            _show(plan, static)
+            drawn.append(1)
         print(plan.summary())
         return c
     try: import ipywidgets as W
-    except ImportError: return SimpleNamespace(result=pick(**{n: getattr(resolve(cfg), n) for n in WIDGET_FIELDS}),
-                                               children=())
+    except ImportError:
+        return SimpleNamespace(result=pick(**{n: getattr(cfg, n) for n in WIDGET_FIELDS}), children=())
     w = W.interactive(pick, **_controls(cfg))
     if not static:
         from IPython.display import display

@@ -6,14 +6,16 @@
 from __future__ import annotations
 import math
 from bisect import bisect_right
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from fractions import Fraction
+from functools import cached_property
+from typing import Callable, NamedTuple
 from .config import Config, PLAN, resolve
 
 # %% auto #0
-__all__ = ['PlanError', 'fmt_lr', 'batches_per_epoch', 'steps_per_epoch', 'cos_anneal', 'onecycle', 'restart_cycles',
-           'restart_lr', 'Segment', 'plan_settings', 'Plan', 'make_plan', 'cycle_starts', 'key_steps', 'plan_summary',
-           'resume_plan']
+__all__ = ['CURVES', 'PlanError', 'fmt_lr', 'batches_per_epoch', 'steps_per_epoch', 'cos_anneal', 'onecycle', 'Cycle',
+           'restart_cycles', 'restart_lr', 'PlanSettings', 'plan_settings', 'Curve', 'Segment', 'Row', 'Plan',
+           'make_plan', 'cycle_starts', 'key_steps', 'plan_summary', 'resume_plan']
 
 # %% ../nbs/07_schedule.ipynb #01cdde80
 class PlanError(ValueError):
@@ -50,103 +52,180 @@ def onecycle(s: int, n: int, peak: float, pct_start: float) -> float:
     return cos_anneal(low, peak, s / top) if s <= top else cos_anneal(peak, low / 1e4, (s - top) / (n - 1 - top))
 
 # %% ../nbs/07_schedule.ipynb #7d26004d
+class Cycle(NamedTuple):
+    "One cosine_restart cycle, in steps counted after the warmup."
+    first: int  # first whole step inside the cycle
+    start: float  # where the cycle starts (a fractional cycle starts between steps)
+    length: float  # steps in the cycle
+
 def restart_cycles(total: int, c0, m) -> tuple:
-    "(first step, start, length) of each cosine_restart cycle over steps 0..total-1: `c0` steps, then `m` times longer."
+    "The `Cycle`s of a cosine_restart curve over steps 0..total-1: `c0` steps, each next `m` times longer."
     out, start, c = [], Fraction(0), Fraction(c0)
     while start < total:
-        out.append((math.ceil(start), float(start), float(c)))
+        out.append(Cycle(math.ceil(start), float(start), float(c)))
         start, c = start + c, c * Fraction(m)
     return tuple(out)
 
 def restart_lr(t: int, cycles: tuple, peak: float, min_lr: float) -> float:
     "LR at step `t` of a cosine_restart curve with `cycles` from `restart_cycles`."
-    _, start, length = cycles[bisect_right(cycles, (t, math.inf)) - 1]
-    return cos_anneal(peak, min_lr, (t - start) / length)
+    c = cycles[bisect_right(cycles, (t, math.inf)) - 1]
+    return cos_anneal(peak, min_lr, (t - c.start) / c.length)
+
+# %% ../nbs/07_schedule.ipynb #3b1b2463
+@dataclass(frozen=True)
+class PlanSettings:
+    "The settings that define the LR curve (`config.PLAN`), derived defaults resolved."
+    epochs: int  # both stages
+    stage1_epochs: int  # epochs 0..stage1_epochs-1 are Stage 1 (frozen backbone)
+    batch_size: int  # Stage-1 batch per process
+    stage2_batch_size: int  # Stage-2 batch per process
+    accumulation_steps: int  # batches per optimizer step
+    lr: float  # Stage-1 peak (decoder group)
+    stage2_lr: float  # Stage-2 peak (decoder group)
+    scheduler: str  # Stage-2 curve: a name in CURVES
+    stage1_scheduler: str  # Stage-1 curve: a name in CURVES
+    min_lr: float  # floor of the cosine curves and start of the warmup
+    warmup_epochs: int  # linear warmup at the start of Stage 2
+    t0: float | None  # first cosine_restart cycle, epochs; None: three whole cycles
+    t_mult: float  # growth of each cosine_restart cycle
+    pct_start: float  # rising fraction of onecycle
+    backbone_lr_mult: float  # backbone LR / decoder LR in Stage 2
+    skip_stage1: bool  # run no Stage-1 epoch
+
+    def stage(self, e: int) -> int:
+        "The stage of epoch `e` (0-based): 1 before `stage1_epochs`, else 2."
+        return 1 if e < self.stage1_epochs else 2
+
+    def stage_batch(self, stage: int) -> int:
+        "The batch per process of `stage`."
+        return self.batch_size if stage == 1 else self.stage2_batch_size
+
+def plan_settings(cfg: Config) -> PlanSettings:
+    "The settings of `cfg` that define the LR curve, derived defaults filled in (a checkpoint stores them)."
+    r = resolve(cfg)
+    return PlanSettings(**{k: getattr(r, k) for k in PLAN})
+
+# %% ../nbs/07_schedule.ipynb #1d82dcd0
+@dataclass(frozen=True)
+class Curve:
+    "One kind of LR curve after the warmup: what the plan, its summary and its checks need to know of it."
+    lr: Callable  # (segment, t, n) -> decoder LR at step t of the segment's n steps after its warmup
+    words: Callable  # (segment) -> the curve in words, for the plan's summary
+    uses_floor: bool = False  # it descends to --min-lr
+    cycles: Callable | None = None  # (settings, steps per epoch, n) -> its restart Cycles over n steps
+
+def _restart_cycles(s: PlanSettings, steps: int, n: int) -> tuple:
+    "cosine_restart's cycles over `n` steps: the first `--t0` epochs (else three whole cycles), each next x `--t-mult`."
+    m = Fraction(s.t_mult)
+    c0 = Fraction(s.t0) * steps if s.t0 is not None else Fraction(n) / (1 + m + m * m)
+    return restart_cycles(n, c0, m) if c0 > 0 else ()
+
+def _cycle_epochs(g) -> str:
+    "The lengths of segment `g`'s first eight cycles, in epochs."
+    return ', '.join(f'{c.length / g.steps:.4g}' for c in g.cycles[:8]) + ', ...' * (len(g.cycles) > 8)
+
+CURVES: dict[str, Curve] = {  # the names --scheduler and --stage1-scheduler take
+    'onecycle': Curve(
+        lr=lambda g, t, n: onecycle(t, n, g.peak, g.pct_start),
+        words=lambda g: (f'onecycle up to {fmt_lr(g.peak)} (pct_start {g.pct_start}), '
+                         f'down to {fmt_lr(g.peak / 25 / 1e4)}')),
+    'cosine': Curve(
+        lr=lambda g, t, n: cos_anneal(g.peak, g.min_lr, t / (n - 1)) if n > 1 else g.peak,
+        words=lambda g: f'cosine from {fmt_lr(g.peak)} to {fmt_lr(g.min_lr)}', uses_floor=True),
+    'cosine_restart': Curve(
+        lr=lambda g, t, n: restart_lr(t, g.cycles, g.peak, g.min_lr),
+        words=lambda g: (f'cosine_restart from {fmt_lr(g.peak)} to {fmt_lr(g.min_lr)} '
+                         f'in cycles of {_cycle_epochs(g)} epochs'),
+        uses_floor=True, cycles=_restart_cycles),
+    'none': Curve(lr=lambda g, t, n: g.peak, words=lambda g: f'constant {fmt_lr(g.peak)}'),
+}
 
 # %% ../nbs/07_schedule.ipynb #1fac979e
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Segment:
     "One stage's stretch of a plan: epochs [start, end) on one curve."
     stage: int  # 1 (frozen backbone) or 2
     start: int  # first epoch, 0-based
     end: int  # one past the last epoch
     steps: int  # optimizer steps per epoch
-    kind: str  # onecycle, cosine, cosine_restart or none
+    kind: str  # the curve: a name in CURVES
     peak: float  # peak LR of the decoder group
     min_lr: float  # floor of the cosine curves and start of the warmup
-    warmup: int  # warmup steps at the start of the segment
+    warmup: int = 0  # warmup steps at the start of the segment
     pct_start: float  # rising fraction of onecycle
-    cycles: tuple = ()  # cosine_restart: (first step, start, length) of each cycle, counted after the warmup
+    cycles: tuple = ()  # the curve's restart Cycles, counted after the warmup
 
     @property
     def n(self) -> int: return (self.end - self.start) * self.steps
+    @property
+    def curve(self) -> Curve: return CURVES[self.kind]
 
     def lr(self, s: int) -> float:
-        "Decoder LR at step `s` (0-based) of this segment."
+        "Decoder LR at step `s` (0-based) of this segment: the warmup, then the curve over the steps left."
         if s < self.warmup: return self.min_lr + (self.peak - self.min_lr) * s / self.warmup
-        t, n = s - self.warmup, self.n - self.warmup
-        if self.kind == 'onecycle': return onecycle(t, n, self.peak, self.pct_start)
-        if self.kind == 'cosine': return cos_anneal(self.peak, self.min_lr, t / (n - 1)) if n > 1 else self.peak
-        if self.kind == 'cosine_restart': return restart_lr(t, self.cycles, self.peak, self.min_lr)
-        return self.peak
+        return self.curve.lr(self, s - self.warmup, self.n - self.warmup)
 
 # %% ../nbs/07_schedule.ipynb #7f4e8b4f
-def _check(s: dict, n_train: int, world_size: int):
+def _check(s: PlanSettings, n_train: int, world_size: int):
     "Refuse settings no plan can be made from."
     def need(ok, msg):
         if not ok: raise PlanError(msg)
     for k in ('lr', 'stage2_lr', 'min_lr'):
-        need(s[k] >= 0 and math.isfinite(s[k]), f'{_flag(k)} {s[k]} is not a learning rate: give a number >= 0')
+        v = getattr(s, k)
+        need(v >= 0 and math.isfinite(v), f'{_flag(k)} {v} is not a learning rate: give a number >= 0')
     for k in ('epochs', 'batch_size', 'stage2_batch_size', 'accumulation_steps'):
-        need(s[k] >= 1, f'{_flag(k)} {s[k]} must be at least 1')
-    need(s['stage1_epochs'] >= 0, f"--stage1-epochs {s['stage1_epochs']} is negative: give 0 or more")
-    need(s['stage1_epochs'] <= s['epochs'], f"--stage1-epochs {s['stage1_epochs']} is above --epochs {s['epochs']}: "
+        need(getattr(s, k) >= 1, f'{_flag(k)} {getattr(s, k)} must be at least 1')
+    for k in ('stage1_scheduler', 'scheduler'):
+        v = getattr(s, k)
+        need(v in CURVES, f"{_flag(k)} {v} is not a curve: give one of {', '.join(CURVES)}")
+    need(s.stage1_epochs >= 0, f'--stage1-epochs {s.stage1_epochs} is negative: give 0 or more')
+    need(s.stage1_epochs <= s.epochs, f'--stage1-epochs {s.stage1_epochs} is above --epochs {s.epochs}: '
          'lower --stage1-epochs or raise --epochs (--epochs counts both stages)')
-    need(s['warmup_epochs'] >= 0, f"--warmup-epochs {s['warmup_epochs']} is negative: give 0 or more")
-    need(s['t_mult'] >= 1, f"--t-mult {s['t_mult']} is below 1: cycles cannot shrink; give 1 (equal cycles) or more")
-    need(s['t0'] is None or s['t0'] > 0, f"--t0 {s['t0']} must be positive (epochs); leave it out for three whole cycles")
-    need(0 <= s['pct_start'] <= 1, f"--pct-start {s['pct_start']} must be between 0 and 1")
-    need(s['backbone_lr_mult'] >= 0, f"--backbone-lr-mult {s['backbone_lr_mult']} is negative: give 0 or more")
+    need(s.warmup_epochs >= 0, f'--warmup-epochs {s.warmup_epochs} is negative: give 0 or more')
+    need(s.t_mult >= 1, f'--t-mult {s.t_mult} is below 1: cycles cannot shrink; give 1 (equal cycles) or more')
+    need(s.t0 is None or s.t0 > 0, f'--t0 {s.t0} must be positive (epochs); leave it out for three whole cycles')
+    need(0 <= s.pct_start <= 1, f'--pct-start {s.pct_start} must be between 0 and 1')
+    need(s.backbone_lr_mult >= 0, f'--backbone-lr-mult {s.backbone_lr_mult} is negative: give 0 or more')
     need(n_train >= 1, f'the training set is empty ({n_train} items): check --dataset-path (or --train-size)')
     need(world_size >= 1, f'world size {world_size} must be at least 1')
 
-def _check_segment(g: Segment, s: dict, origin: int):
+def _check_segment(g: Segment, s: PlanSettings, origin: int):
     "Refuse a segment whose warmup, floor or restart cycles make no sense."
     peak = '--lr' if g.stage == 1 else '--stage2-lr'
-    uses_floor = g.kind in ('cosine', 'cosine_restart') or g.warmup
-    if uses_floor and s['min_lr'] > g.peak:
-        raise PlanError(f"--min-lr {s['min_lr']} is above the Stage-{g.stage} peak {peak} {g.peak}: "
+    if (g.curve.uses_floor or g.warmup) and s.min_lr > g.peak:
+        raise PlanError(f'--min-lr {s.min_lr} is above the Stage-{g.stage} peak {peak} {g.peak}: '
                         f'lower --min-lr or raise {peak}')
     if g.warmup and g.warmup >= g.n:
-        where = f'a re-plan from Epoch {origin + 1}' if origin > s['stage1_epochs'] else 'Stage 2'
-        raise PlanError(f"--warmup-epochs {s['warmup_epochs']} is not shorter than {where} ({g.end - g.start} epochs, "
+        where = f'a re-plan from Epoch {origin + 1}' if origin > s.stage1_epochs else 'Stage 2'
+        raise PlanError(f'--warmup-epochs {s.warmup_epochs} is not shorter than {where} ({g.end - g.start} epochs, '
                         f'Epoch {g.start + 1}-{g.end}): lower --warmup-epochs or raise --epochs')
-    if g.cycles and g.cycles[0][2] < 1:
-        raise PlanError(f"--t0 {s['t0']} gives a first restart cycle of {g.cycles[0][2]:.3g} optimizer steps: "
+    if g.cycles and g.cycles[0].length < 1:
+        raise PlanError(f'--t0 {s.t0} gives a first restart cycle of {g.cycles[0].length:.3g} optimizer steps: '
                         f'give at least {1 / g.steps:.3g} epochs')
 
 # %% ../nbs/07_schedule.ipynb #ff71a1a2
-def plan_settings(cfg: Config) -> dict:
-    "The settings of `cfg` that define the LR curve, derived defaults filled in (a checkpoint stores them)."
-    r = resolve(cfg)
-    return {k: getattr(r, k) for k in PLAN}
-
-def _segment(s: dict, stage: int, start: int, end: int, steps: int) -> Segment:
+def _segment(s: PlanSettings, stage: int, start: int, end: int, steps: int) -> Segment:
     "The curve of `stage` over epochs [start, end) with `steps` optimizer steps per epoch."
-    kind, peak = (s['stage1_scheduler'], s['lr']) if stage == 1 else (s['scheduler'], s['stage2_lr'])
-    warmup = s['warmup_epochs'] * steps if stage == 2 else 0
-    cycles = ()
-    if kind == 'cosine_restart':
-        m, t = Fraction(s['t_mult']), (end - start) * steps - warmup
-        c0 = Fraction(s['t0']) * steps if s['t0'] is not None else Fraction(t) / (1 + m + m * m)
-        if c0 > 0: cycles = restart_cycles(t, c0, m)
-    return Segment(stage, start, end, steps, kind, peak, s['min_lr'], warmup, s['pct_start'], cycles)
+    kind, peak = (s.stage1_scheduler, s.lr) if stage == 1 else (s.scheduler, s.stage2_lr)
+    warmup = s.warmup_epochs * steps if stage == 2 else 0
+    make_cycles = CURVES[kind].cycles
+    cycles = make_cycles(s, steps, (end - start) * steps - warmup) if make_cycles else ()
+    return Segment(stage=stage, start=start, end=end, steps=steps, kind=kind, peak=peak, min_lr=s.min_lr,
+                   warmup=warmup, pct_start=s.pct_start, cycles=cycles)
 
 # %% ../nbs/07_schedule.ipynb #502130d2
+class Row(NamedTuple):
+    "One optimizer step of a plan: a row of `codseg lr-preview --csv`."
+    step: int  # global optimizer step
+    epoch: float  # 0-based fractional epoch the step runs at: e + k / steps
+    stage: int  # 1 or 2
+    lr: float  # decoder group
+    backbone_lr: float  # backbone group
+
 @dataclass(frozen=True)
 class Plan:
     "A run's LR plan: epochs, optimizer steps and both groups' LR at every step."
-    settings: dict  # plan_settings of the run
+    settings: PlanSettings  # the settings of the run
     n_train: int  # training items, all processes together
     world_size: int  # processes (DDP ranks)
     origin: int  # epoch the plan was made from: 0, or the resume epoch of a re-plan
@@ -156,18 +235,17 @@ class Plan:
     @property
     def start_epoch(self) -> int: return self.segments[0].start
     @property
-    def epochs(self) -> int: return self.settings['epochs']
+    def epochs(self) -> int: return self.settings.epochs
     @property
-    def stage2_start(self) -> int: return self.settings['stage1_epochs']
+    def stage2_start(self) -> int: return self.settings.stage1_epochs
     @property
     def end_step(self) -> int: return self.first_step(self.epochs)
 
-    def stage(self, e: int) -> int: return 1 if e < self.stage2_start else 2
-    def batch_size(self, e: int) -> int:
-        return self.settings['batch_size' if self.stage(e) == 1 else 'stage2_batch_size']
+    def stage(self, e: int) -> int: return self.settings.stage(e)
+    def batch_size(self, e: int) -> int: return self.settings.stage_batch(self.stage(e))
     def batches_per_epoch(self, e: int) -> int: return batches_per_epoch(self.n_train, self.batch_size(e), self.world_size)
     def steps_per_epoch(self, e: int) -> int:
-        return steps_per_epoch(self.n_train, self.batch_size(e), self.settings['accumulation_steps'], self.world_size)
+        return steps_per_epoch(self.n_train, self.batch_size(e), self.settings.accumulation_steps, self.world_size)
 
     def first_step(self, e: int) -> int:
         "Global step of epoch `e`'s first optimizer step."
@@ -180,13 +258,15 @@ class Plan:
         while e < self.epochs - 1 and self.first_step(e + 1) <= step: e += 1
         return e, step - self.first_step(e)
 
+    @cached_property
+    def _firsts(self) -> tuple: return tuple(self.first_step(g.start) for g in self.segments)
+
     def lr(self, step: int) -> tuple:
-        "(decoder LR, backbone LR) at global optimizer step `step`."
-        for g in self.segments:
-            a = self.first_step(g.start)
+        "(decoder LR, backbone LR) at global optimizer step `step`: what the trainer's LRPlanCB sets."
+        for a, g in zip(self._firsts, self.segments):
             if a <= step < a + g.n:
                 d = g.lr(step - a)
-                return d, (d * self.settings['backbone_lr_mult'] if g.stage == 2 else 0.0)
+                return d, (d * self.settings.backbone_lr_mult if g.stage == 2 else 0.0)
         raise PlanError(f'step {step} is outside the plan (steps {self.first_step(self.start_epoch)}-{self.end_step - 1})')
 
     def epoch_lr(self, e: int) -> float:
@@ -194,57 +274,54 @@ class Plan:
         return self.lr(self.first_step(e + 1) - 1)[0]
 
     def rows(self):
-        "(step, epoch, stage, lr, backbone_lr) per optimizer step; `epoch` is the 0-based fractional epoch e + k/steps."
-        mult = self.settings['backbone_lr_mult']
-        for g in self.segments:
-            a = self.first_step(g.start)
+        "A `Row` per optimizer step, both LRs from `lr(step)`."
+        for a, g in zip(self._firsts, self.segments):
             for s in range(g.n):
                 e, k = divmod(s, g.steps)
-                d = g.lr(s)
-                yield a + s, g.start + e + k / g.steps, g.stage, d, (d * mult if g.stage == 2 else 0.0)
+                yield Row(a + s, g.start + e + k / g.steps, g.stage, *self.lr(a + s))
 
     def to_dict(self) -> dict:
         "What a checkpoint stores to rebuild this plan: the settings, n_train, world_size and origin."
-        return {**self.settings, 'n_train': self.n_train, 'world_size': self.world_size, 'origin': self.origin}
+        return {**asdict(self.settings), 'n_train': self.n_train, 'world_size': self.world_size, 'origin': self.origin}
 
     def summary(self) -> str:
         "The plan in words: stages, batches and steps, effective batch, LR at the key steps, restarts, LR/batch."
         return plan_summary(self)
 
 # %% ../nbs/07_schedule.ipynb #94e460f1
-def _build(s: dict, n_train: int, world_size: int, origin: int, note: str = '') -> Plan:
+def _build(s: PlanSettings, n_train: int, world_size: int, origin: int, note: str = '') -> Plan:
     "The plan of settings `s` made from epoch `origin`."
     _check(s, n_train, world_size)
-    E, E1 = s['epochs'], s['stage1_epochs']
+    E, E1 = s.epochs, s.stage1_epochs
     if not 0 <= origin < E:
         raise PlanError(f'the run is at epoch {origin} of --epochs {E}: nothing left to train; raise --epochs')
-    spe = lambda b: steps_per_epoch(n_train, b, s['accumulation_steps'], world_size)
+    spe = lambda stage: steps_per_epoch(n_train, s.stage_batch(stage), s.accumulation_steps, world_size)
     segs = []
-    if origin < E1 and not s['skip_stage1']: segs.append(_segment(s, 1, origin, E1, spe(s['batch_size'])))
-    if max(origin, E1) < E: segs.append(_segment(s, 2, max(origin, E1), E, spe(s['stage2_batch_size'])))
+    if s.stage(origin) == 1 and not s.skip_stage1: segs.append(_segment(s, 1, origin, E1, spe(1)))
+    if max(origin, E1) < E: segs.append(_segment(s, 2, max(origin, E1), E, spe(2)))
     if not segs: raise PlanError(f'--skip-stage1 with --stage1-epochs {E1} equal to --epochs {E} leaves no epoch to '
                                  'train: raise --epochs or drop --skip-stage1')
     for g in segs: _check_segment(g, s, origin)
-    return Plan(dict(s), n_train, world_size, origin, tuple(segs), note)
+    return Plan(s, n_train, world_size, origin, tuple(segs), note)
 
 def make_plan(cfg: Config, n_train: int, world_size: int = 1, origin: int = 0) -> Plan:
     "The LR plan of `cfg` for `n_train` items on `world_size` processes; `origin` > 0 re-plans from that epoch."
     s = plan_settings(cfg)
     return _build(s, n_train, world_size, origin, _replan_note(s, origin) if origin else '')
 
-def _replan_note(s: dict, R: int) -> str:
+def _replan_note(s: PlanSettings, R: int) -> str:
     "What a re-plan from epoch `R` does, in words."
-    E, E1 = s['epochs'], s['stage1_epochs']
-    wu = f" with its {s['warmup_epochs']}-epoch warmup" if s['warmup_epochs'] else ' (no warmup)'
-    if R >= E1: return f'Re-planned from Epoch {R + 1}: Stage 2 planned anew over Epoch {R + 1}-{E}{wu}.'
-    if s['skip_stage1']: return (f'Re-planned from Epoch {R + 1} with --skip-stage1: Stage-1 Epoch {R + 1}-{E1} '
-                                 f'skipped; Stage 2 runs Epoch {E1 + 1}-{E}.')
+    E, E1 = s.epochs, s.stage1_epochs
+    wu = f' with its {s.warmup_epochs}-epoch warmup' if s.warmup_epochs else ' (no warmup)'
+    if s.stage(R) == 2: return f'Re-planned from Epoch {R + 1}: Stage 2 planned anew over Epoch {R + 1}-{E}{wu}.'
+    if s.skip_stage1: return (f'Re-planned from Epoch {R + 1} with --skip-stage1: Stage-1 Epoch {R + 1}-{E1} '
+                              f'skipped; Stage 2 runs Epoch {E1 + 1}-{E}.')
     return f'Re-planned from Epoch {R + 1}: Stage 1 planned anew over Epoch {R + 1}-{E1}; Stage 2 as usual after it.'
 
 # %% ../nbs/07_schedule.ipynb #e5dfe388
 def cycle_starts(plan: Plan) -> list:
     "Global steps where a cosine_restart cycle after the first begins (the restarts)."
-    return [plan.first_step(g.start) + g.warmup + c[0] for g in plan.segments for c in g.cycles[1:]]
+    return [plan.first_step(g.start) + g.warmup + c.first for g in plan.segments for c in g.cycles[1:]]
 
 def key_steps(plan: Plan) -> list:
     "(label, global step) of the plan's key steps: stage starts and ends, warmup end, restarts, the last step."
@@ -258,25 +335,27 @@ def key_steps(plan: Plan) -> list:
     return out
 
 def _curve_words(g: Segment, mult: float) -> str:
-    "A segment's curve in words."
-    P, lo = fmt_lr(g.peak), fmt_lr(g.min_lr)
-    words = {'onecycle': f'onecycle up to {P} (pct_start {g.pct_start}), down to {fmt_lr(g.peak / 25 / 1e4)}',
-             'cosine': f'cosine from {P} to {lo}', 'none': f'constant {P}',
-             'cosine_restart': f'cosine_restart from {P} to {lo} in cycles of '
-                               f"{', '.join(f'{c[2] / g.steps:.4g}' for c in g.cycles[:8])}{', ...' * (len(g.cycles) > 8)} epochs"
-             }[g.kind]
-    if g.warmup: words = f'warmup {g.warmup // g.steps} epochs ({g.warmup} steps) from {lo} to {P}, then {words}'
+    "A segment's curve in words: its warmup, its curve's words, the backbone."
+    words = g.curve.words(g)
+    if g.warmup:
+        words = (f'warmup {g.warmup // g.steps} epochs ({g.warmup} steps) from {fmt_lr(g.min_lr)} '
+                 f'to {fmt_lr(g.peak)}, then {words}')
     return words + ('; backbone frozen (LR 0)' if g.stage == 1 else f'; backbone LR = {mult} x decoder LR')
 
 def _stage_lines(plan: Plan, g: Segment) -> list:
     "The description of one stage of `plan`."
-    b, acc, w = plan.batch_size(g.start), plan.settings['accumulation_steps'], plan.world_size
+    b, acc, w = plan.batch_size(g.start), plan.settings.accumulation_steps, plan.world_size
     a = plan.first_step(g.start)
     return [f'Stage {g.stage}  Epoch {g.start + 1}-{g.end}: batch {b} x accumulation {acc} x {w} process(es) = '
             f'effective batch {b * acc * w}',
             f'         {plan.batches_per_epoch(g.start)} batches and {g.steps} optimizer steps per epoch; '
             f'{g.n} steps (global {a}-{a + g.n - 1})',
-            f'         {_curve_words(g, plan.settings["backbone_lr_mult"])}']
+            f'         {_curve_words(g, plan.settings.backbone_lr_mult)}']
+
+def _per_sample(plan: Plan, g: Segment) -> str:
+    "Segment `g`'s peak LR over its effective batch, in words."
+    eff = plan.batch_size(g.start) * plan.settings.accumulation_steps * plan.world_size
+    return f'Stage {g.stage} {fmt_lr(g.peak)} / {eff} = {fmt_lr(g.peak / eff)}'
 
 def plan_summary(plan: Plan) -> str:
     "`plan.summary()`: the plan in words."
@@ -291,10 +370,8 @@ def plan_summary(plan: Plan) -> str:
         n = plan.steps_per_epoch(e)
         where = f"Epoch {e + 1}, " + ('first step' if k == 0 else 'last step' if k == n - 1 else f'step {k + 1} of {n}')
         lines.append(f'  {where + " (" + label + ")":<42}{s:>8}  {fmt_lr(d):>11}  {fmt_lr(b):>11}')
-    mult = ', '.join(f'Stage {g.stage} {fmt_lr(g.peak)} / {plan.batch_size(g.start) * plan.settings["accumulation_steps"] * plan.world_size}'
-                     f' = {fmt_lr(g.peak / (plan.batch_size(g.start) * plan.settings["accumulation_steps"] * plan.world_size))}'
-                     for g in plan.segments)
-    lines.append(f"Peak LR / effective batch: {mult} (the guide's rule of thumb: about 3e-05)")
+    lines.append(f"Peak LR / effective batch: {', '.join(_per_sample(plan, g) for g in plan.segments)} "
+                 "(the guide's rule of thumb: about 3e-05)")
     return '\n'.join(lines)
 
 # %% ../nbs/07_schedule.ipynb #06dcf2ce
@@ -305,11 +382,11 @@ def _changes(old: dict, new: dict, ignore=()) -> list:
 def resume_plan(cfg: Config, saved: dict | None, n_train: int, world_size: int, epoch: int, step: int) -> tuple:
     "(Plan, note) for resuming at `epoch` (next to run, 0-based) and global `step` from a checkpoint's `saved` plan dict."
     new, old = plan_settings(cfg), dict(saved or {})
-    if epoch >= new['epochs']:
-        raise PlanError(f"the checkpoint has finished {epoch} epochs of --epochs {new['epochs']}: nothing left to "
+    if epoch >= new.epochs:
+        raise PlanError(f'the checkpoint has finished {epoch} epochs of --epochs {new.epochs}: nothing left to '
                         'train; raise --epochs to continue')
-    in_stage2 = epoch >= new['stage1_epochs'] and epoch >= old.get('stage1_epochs', epoch)
-    changed = _changes(old, new, ('skip_stage1',) if in_stage2 else ()) if saved else ['no saved plan']
+    in_stage2 = new.stage(epoch) == 2 and epoch >= old.get('stage1_epochs', epoch)
+    changed = _changes(old, asdict(new), ('skip_stage1',) if in_stage2 else ()) if saved else ['no saved plan']
     origin = old.get('origin', 0)
     if not changed and origin <= epoch:
         plan = _build(new, n_train, world_size, origin)

@@ -78,9 +78,9 @@ def find_resume(cfg, kaggle_input='/kaggle/input'):
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 # %% ../nbs/10_train.ipynb #1fa91f6b
-def unfrozen_stages(epoch, cfg, n_stages):
-    "How many of the deepest backbone stages train in `epoch` (None: all) under `cfg`'s unfreezing timetable."
-    if epoch < cfg.stage1_epochs and not cfg.skip_stage1: return 0
+def unfrozen_stages(epoch, cfg, n_stages, stage):
+    "How many of the deepest backbone stages train in `epoch` of `stage` (None: all) under `cfg`'s unfreezing timetable."
+    if stage == 1: return 0
     if not cfg.progressive_unfreeze: return None
     every = max(1, (cfg.epochs - cfg.stage1_epochs) // (2 * n_stages))
     return min(n_stages, 1 + max(0, epoch - cfg.stage1_epochs) // every)
@@ -94,7 +94,7 @@ class StageCB(Callback):
     def before_epoch(self, learn):
         from codseg.model import freeze_backbone, unfreeze_backbone, n_backbone_stages
         model = unwrap(learn.model)
-        k = unfrozen_stages(learn.epoch, self.cfg, n_backbone_stages(model))
+        k = unfrozen_stages(learn.epoch, self.cfg, n_backbone_stages(model), self.plan.stage(learn.epoch))
         if k == 0: freeze_backbone(model)
         else: unfreeze_backbone(model, k)
         learn.train_dl = self.loaders[self.plan.stage(learn.epoch)]
@@ -185,16 +185,16 @@ class WatchCB(Callback):
 # %% ../nbs/10_train.ipynb #869c9ba0
 class RunState:
     "What a checkpoint holds besides the weights: where the run is and what it has seen."
-    def __init__(self, cfg, plan_info, history=(), best_iou=-1.0, best_epoch=0):
-        self.cfg, self.plan_info, self.history, self.best_iou, self.best_epoch = cfg, plan_info, list(history), best_iou, best_epoch
+    def __init__(self, cfg, plan, history=(), best_iou=-1.0, best_epoch=0):
+        self.cfg, self.plan, self.history, self.best_iou, self.best_epoch = cfg, plan, list(history), best_iou, best_epoch
 
     def checkpoint(self, learn, epoch, batch, ema=None, loss_sum=None):
         "The weights-only-loadable checkpoint of `learn` before (epoch, batch) — the next work to do."
         return {'model': unwrap(learn.model).state_dict(), 'optimizer': learn.opt.state_dict(),
                 'scaler': learn.scaler.state_dict(), 'ema': ema.ema.state_dict() if ema else None,
-                'epoch': epoch, 'batch': batch, 'global_step': learn.step_idx, 'stage': 1 if epoch < self.cfg.stage1_epochs else 2,
+                'epoch': epoch, 'batch': batch, 'global_step': learn.step_idx, 'stage': self.plan.stage(epoch),
                 'best_iou': self.best_iou, 'best_epoch': self.best_epoch, 'config': to_dict(self.cfg),
-                'plan': self.plan_info, 'history': learn.history, 'rng': rng_state(),
+                'plan': self.plan.to_dict(), 'history': learn.history, 'rng': rng_state(),
                 'loss_sum': loss_sum, 'codseg': __import__('codseg').__version__}
 
 class CheckpointCB(Callback):
@@ -324,7 +324,7 @@ def make_learner(run: Run, extra_cbs=()):
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     core = fast_model(model, cfg, dist.device)
     loss_fn = CODLoss(cfg.loss, aux_weight=cfg.aux_weight, balance_weight=cfg.balance_weight)
-    state = RunState(cfg, plan.to_dict(), ck['history'] if ck else (), ck['best_iou'] if ck else -1.0, ck['best_epoch'] if ck else 0)
+    state = RunState(cfg, plan, ck['history'] if ck else (), ck['best_iou'] if ck else -1.0, ck['best_epoch'] if ck else 0)
     out = Path(cfg.checkpoint_dir) if dist.main else None
     epoch, skip = run.start
     metrics, guard = MetricsCB(SegMeter(), ck and skip and ck.get('loss_sum')), GradGuardCB(cfg.grad_clip)

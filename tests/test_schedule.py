@@ -177,3 +177,63 @@ def test_refusals(tmp_path):
         r = subprocess.run([sys.executable, '-m', 'codseg', 'lr-preview', '--train-size', '3040', *argv],
                            capture_output=True, text=True, cwd=tmp_path)
         assert r.returncode == 2 and msg in r.stderr, (argv, r.stderr)
+
+
+# ---- one LR path: the CSV is what the trainer's LRPlanCB puts in the optimizer ----
+@pytest.mark.parametrize('i', [0, 1, 2])
+def test_csv_equals_the_optimizer(i, tmp_path):
+    "The optimizer's LR per group, as LRPlanCB sets it at sampled steps, equals `lr-preview --csv` for the guide."
+    torch = pytest.importorskip('torch')
+    from types import SimpleNamespace
+    from codseg.learner import LRPlanCB
+    from codseg.schedule import make_plan
+    flags, extra, origin = SCENARIOS[i]
+    _, rows = lr_preview(guide_argv()[i] + ['--train-size', '3040'] + extra, tmp_path)
+    plan = make_plan(Config(**flags), 3040, origin=origin)
+    groups = [{'params': [torch.nn.Parameter(torch.zeros(1))], 'kind': k} for k in ('decoder', 'backbone', 'decoder')]
+    opt, cb = torch.optim.AdamW(groups, lr=1.0), LRPlanCB(plan.lr)
+    for r in rows[::997] + rows[-1:]:
+        cb.before_step(SimpleNamespace(step_idx=r[0], opt=opt))
+        assert [g['lr'] for g in opt.param_groups] == [r[3], r[4], r[3]], r
+
+def test_csv_reads_plan_lr(tmp_path, monkeypatch):
+    "write_csv takes both columns from Plan.lr (the trainer's function), so a change there is a change in the CSV."
+    from codseg.preview import write_csv
+    from codseg.schedule import Plan, make_plan
+    plan = make_plan(Config(epochs=4, stage1_epochs=1, scheduler='cosine', warmup_epochs=1), 40)
+    real, asked = Plan.lr, []
+    def half_backbone(self, step):
+        asked.append(step)
+        d, b = real(self, step)
+        return d, b / 2
+    monkeypatch.setattr(Plan, 'lr', half_backbone)
+    rows = [l.split(',') for l in write_csv(plan, tmp_path / 'p.csv').read_text().splitlines()[1:]]
+    assert asked == list(range(plan.end_step)) and len(rows) == plan.end_step
+    assert all(float(r[4]) == real(plan, int(r[0]))[1] / 2 and float(r[3]) == real(plan, int(r[0]))[0] for r in rows)
+
+
+# ---- the notebook widget: driven headless, its settings and curve are the CLI's ----
+def test_widget_matches_cli(tmp_path):
+    "Setting the widget's controls as flags gives the Config the CLI resolves and the CSV lr-preview writes."
+    pytest.importorskip('ipywidgets')
+    import matplotlib
+    matplotlib.use('Agg')
+    from codseg.config import from_args
+    from codseg.preview import WIDGET_FIELDS, _parser, lr_widget, write_csv
+    from codseg.schedule import make_plan, plan_settings
+    w = lr_widget(Config(epochs=10, stage1_epochs=2), n_train=120, static=True)
+    values = dict(lr=3e-4, batch_size=4, scheduler='cosine_restart', stage1_scheduler='cosine', min_lr=2e-6,
+                  warmup_epochs=1, t_mult=1, accumulation_steps=3, backbone_lr_mult=0.2, pct_start=0.3)
+    for n, v in values.items(): w.children[WIDGET_FIELDS.index(n)].value = v
+    argv = ['--epochs', '10', '--stage1-epochs', '2', '--train-size', '120'] + to_argv(values)
+    cli = from_args(_parser().parse_args(argv))
+    assert w.result is not None and plan_settings(w.result) == plan_settings(cli)
+    assert (cli.stage2_lr, cli.stage2_batch_size) == (None, None)  # the CLI leaves them to --lr and --batch-size
+    plan = make_plan(w.result, 120)  # what the widget draws
+    assert plan.segments[1].peak == 3e-4 and plan.batch_size(5) == 4
+    _, rows = lr_preview(argv, tmp_path)
+    assert write_csv(plan, tmp_path / 'w.csv').read_text() == (tmp_path / 'plan.csv').read_text()
+    w.children[WIDGET_FIELDS.index('stage2_batch_size')].value = 2  # as --stage2-batch-size 2
+    _, rows2 = lr_preview(argv + ['--stage2-batch-size', '2'], tmp_path)
+    assert write_csv(make_plan(w.result, 120), tmp_path / 'w.csv').read_text() == (tmp_path / 'plan.csv').read_text()
+    assert len(rows2) > len(rows)
