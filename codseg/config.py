@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Literal, Optional
 
 # %% auto #0
-__all__ = ['Scheduler', 'Loss', 'DATA', 'MODEL', 'PLAN', 'TRAIN', 'Config', 'resolve', 'field_help', 'add_args', 'from_args',
-           'to_argv', 'to_dict', 'from_dict', 'save_config']
+__all__ = ['Scheduler', 'Loss', 'Monitor', 'DATA', 'MODEL', 'PLAN', 'TRACK', 'TRAIN', 'Config', 'resolve', 'field_help',
+           'add_args', 'from_args', 'to_argv', 'to_dict', 'from_dict', 'save_config']
 
 # %% ../nbs/00_config.ipynb #668c46e8
 Scheduler = Literal['onecycle', 'cosine', 'cosine_restart', 'none']
 Loss = Literal['structure', 'dice', 'bce']
+Monitor = Literal['iou', 'smeasure', 'mae', 'wfmeasure']
 
 @dataclass
 class Config:
@@ -74,6 +75,10 @@ class Config:
     channels_last: bool = False  # channels_last memory format on CUDA
     compile: bool = False  # torch.compile the model
     dry_run: bool = False  # print the resolved config and the LR plan, then exit
+    # tracking
+    logger: str = 'csv'  # comma list of csv (history.csv and curves.png, always written), tensorboard, wandb
+    panel_every: int = 0  # also save the prediction panel every N epochs (0: only the first, each new best, the last)
+    monitor: Monitor = 'iou'  # validation measure that picks best_model.pth
 
 # %% ../nbs/00_config.ipynb #63f36cd3
 def resolve(cfg: Config) -> Config:
@@ -101,6 +106,7 @@ MODEL = ('backbone', 'num_experts', 'top_k', 'pretrained', 'pretrained_path', 'g
 PLAN = ('epochs', 'stage1_epochs', 'batch_size', 'stage2_batch_size', 'accumulation_steps', 'lr', 'stage2_lr',
         'scheduler', 'stage1_scheduler', 'min_lr', 'warmup_epochs', 't0', 't_mult', 'pct_start',
         'backbone_lr_mult', 'skip_stage1')
+TRACK = ('logger', 'panel_every', 'monitor')
 TRAIN = tuple(f.name for f in fields(Config) if f.name not in DATA + MODEL + PLAN)
 
 def _base_type(tp):
