@@ -37,7 +37,7 @@ class Config:
     num_experts: int = 7  # experts in the mixture-of-experts decoder block
     top_k: int = 2  # experts each sample is routed to
     pretrained: bool = True  # ImageNet weights for the backbone from the timm hub (--no-pretrained: random init)
-    pretrained_path: Optional[str] = None  # local backbone weights file, for offline sessions
+    pretrained_path: Optional[str] = None  # local backbone weights file for offline sessions, or auto: a Kaggle Model in /kaggle/input
     grad_checkpointing: bool = False  # recompute backbone activations in backward to save memory
     # learning-rate plan
     epochs: int = 120  # total epochs, both stages
