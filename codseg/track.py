@@ -10,10 +10,10 @@ import numpy as np, torch
 from .learner import Callback, all_reduce_sum, unwrap
 
 # %% auto #0
-__all__ = ['LOGGERS', 'MONITORS', 'FIELD', 'LABELS', 'EPOCH_TAGS', 'PANEL_N', 'parse_loggers', 'monitor_key', 'is_better',
-           'best_so_far', 'best_row', 'FieldMeter', 'FieldMetricsCB', 'TBLogger', 'wandb_key', 'WandbLogger',
-           'adopt_logs', 'make_loggers', 'figure_array', 'plan_figure', 'TrackCB', 'panel_indices', 'outlines',
-           'panel_figure', 'PanelCB', 'LiveView']
+__all__ = ['LOGGERS', 'MONITORS', 'FIELD', 'LABELS', 'HISTORY_EXTRA', 'EPOCH_TAGS', 'PANEL_N', 'parse_loggers', 'monitor_key',
+           'is_better', 'best_so_far', 'best_row', 'epoch_tail', 'FieldMeter', 'FieldMetricsCB', 'TBLogger',
+           'wandb_key', 'WandbLogger', 'adopt_logs', 'make_loggers', 'figure_array', 'plan_figure', 'TrackCB',
+           'panel_indices', 'outlines', 'panel_figure', 'PanelCB', 'track_callbacks', 'LiveView']
 
 # %% ../nbs/14_track.ipynb #39564ec1
 LOGGERS = ('csv', 'tensorboard', 'wandb')
@@ -53,6 +53,14 @@ def best_row(history, monitor: str) -> dict | None:
     k, pick = MONITORS[monitor]
     rows = [r for r in history if r.get(k) is not None and math.isfinite(r[k])]
     return pick(rows, key=lambda r: r[k]) if rows else None
+
+# %% ../nbs/14_track.ipynb #59e20ada
+HISTORY_EXTRA = ('val_loss', *FIELD)  # history columns tracking adds, when the epoch's metrics have them
+
+def epoch_tail(r: dict) -> str:
+    "What the epoch line shows after its other fields: the validation loss and any field measures of row `r`."
+    return ''.join(f' | {name}: {r[k]:.4f}' for k, name in (('val_loss', 'Val loss'), *((f, LABELS[f]) for f in FIELD))
+                   if k in r)
 
 # %% ../nbs/14_track.ipynb #aeabadfb
 class FieldMeter:
@@ -271,6 +279,23 @@ class PanelCB(Callback):
         for lg in self.loggers: lg.image('predictions', figure_array(fig), learn.step_idx - 1)
         self.saved = e
         return path
+
+# %% ../nbs/14_track.ipynb #ea7efae8
+def track_callbacks(run, state, step: int) -> list:
+    "Tracking's callbacks for trainer `run` (a `codseg.train.Run`) and its `state` (a `RunState`), starting at `step`."
+    from codseg.config import to_dict
+    cfg = run.cfg
+    names, key = parse_loggers(cfg.logger), monitor_key(cfg.monitor)
+    cbs = [FieldMetricsCB()] if key in FIELD else []
+    if not run.dist.main: return cbs
+    out, resume = Path(cfg.checkpoint_dir), run.ckpt if run.full else None
+    loggers = make_loggers(names, out, to_dict(cfg), resume, step, run.src and run.src.parent, run.say)
+    for lg in loggers: state.track.update(lg.state())
+    cbs.append(TrackCB(loggers, run.plan))
+    if len(run.data.val_ds):
+        cbs.append(PanelCB(run.data.val_ds, out/'predictions', run.plan.epochs, cfg.panel_every, lambda: state.best_epoch,
+                           loggers, run.model.mean, run.model.std))
+    return cbs
 
 # %% ../nbs/14_track.ipynb #2f692475
 class LiveView:
