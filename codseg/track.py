@@ -179,9 +179,13 @@ EPOCH_TAGS = {'loss': 'train/epoch_loss', 'val_loss': 'val/loss', 'iou': 'val/io
               'sm': 'val/smeasure', 'mae': 'val/mae', 'wfm': 'val/wfmeasure', 'epoch': 'epoch'}
 
 class TrackCB(Callback):
-    "Send per-step loss and LRs, per-epoch history rows and the LR plan to `loggers`."
-    order = 65  # after HistoryCB (60) appended the epoch's row
-    def __init__(self, loggers, plan=None): self.loggers, self.plan, self.buf, self.acc, self.n = loggers, plan, [], None, 0
+    "Send per-step loss and LRs, per-epoch history rows, queued images and the LR plan to `loggers`."
+    order = 86  # after HistoryCB (60), CheckpointCB (80) and PanelCB (85); before StopSignalCB and SessionLimitCB
+    def __init__(self, loggers, plan=None):
+        self.loggers, self.plan, self.buf, self.images, self.acc, self.n = loggers, plan, [], [], None, 0
+    def queue_image(self, tag, img, step):
+        "Log image `img` at `step` once the steps before it are logged (W&B wants steps in order)."
+        self.images.append((tag, img, step))
     def _all(self, fn, *args):
         for lg in self.loggers: getattr(lg, fn)(*args)
     def before_fit(self, learn):
@@ -203,13 +207,17 @@ class TrackCB(Callback):
             losses = torch.stack([b[1] for b in self.buf]).cpu().tolist()
             for (step, _, lrs), l in zip(self.buf, losses): self._all('scalars', {'train/loss': l, **lrs}, step)
         self.buf = []
+    def flush_images(self):
+        for tag, img, step in self.images: self._all('image', tag, img, step)
+        self.images = []
     def after_epoch(self, learn):
         self.flush()
         row = learn.history[-1]
         self._all('scalars', {t: row[k] for k, t in EPOCH_TAGS.items() if k in row}, learn.step_idx - 1)
-        self._all('flush')
+        self.flush_images(); self._all('flush')
     def after_fit(self, learn):
-        self.flush(); self._all('close'); self.loggers = []
+        "Log what is left and close the loggers (train() calls it too when the run ends in an error)."
+        self.flush(); self.flush_images(); self._all('close'); self.loggers = []
     after_cancel_fit = after_fit
 
 # %% ../nbs/14_track.ipynb #7db795ef
@@ -243,10 +251,10 @@ def panel_figure(images, truths, probs, names, title=''):
 
 # %% ../nbs/14_track.ipynb #f9924695
 class PanelCB(Callback):
-    "Save the prediction panel as predictions/epoch_NNN.png when due and send it to `loggers`."
-    order = 85  # after CheckpointCB (80) chose the best, before SessionLimitCB (95) may stop the run
-    def __init__(self, ds, out_dir, epochs, every=0, best_epoch=lambda: None, loggers=(), mean=(0.5,) * 3, std=(0.5,) * 3):
-        self.out, self.epochs, self.every, self.best_epoch, self.loggers = Path(out_dir), epochs, every, best_epoch, loggers
+    "Save the prediction panel as predictions/epoch_NNN.png when due and `send(tag, image, step)` it to the loggers."
+    order = 85  # after CheckpointCB (80) chose the best, before TrackCB (86) and SessionLimitCB (95)
+    def __init__(self, ds, out_dir, epochs, every=0, best_epoch=lambda: None, send=None, mean=(0.5,) * 3, std=(0.5,) * 3):
+        self.out, self.epochs, self.every, self.best_epoch, self.send = Path(out_dir), epochs, every, best_epoch, send
         items = [ds[i] for i in panel_indices(len(ds))]
         self.x = torch.stack([b['image'] for b in items])
         self.masks = torch.stack([b['mask'] for b in items])[:, 0].numpy()
@@ -276,7 +284,7 @@ class PanelCB(Callback):
         self.out.mkdir(parents=True, exist_ok=True)
         path, tmp = self.out/f'epoch_{e:03d}.png', self.out/f'.epoch_{e:03d}.tmp.png'
         fig.savefig(tmp, dpi=72); os.replace(tmp, path)
-        for lg in self.loggers: lg.image('predictions', figure_array(fig), learn.step_idx - 1)
+        if self.send is not None: self.send('predictions', figure_array(fig), learn.step_idx - 1)
         self.saved = e
         return path
 
@@ -291,11 +299,11 @@ def track_callbacks(run, state, step: int) -> list:
     out, resume = Path(cfg.checkpoint_dir), run.ckpt if run.full else None
     loggers = make_loggers(names, out, to_dict(cfg), resume, step, run.src and run.src.parent, run.say)
     for lg in loggers: state.track.update(lg.state())
-    cbs.append(TrackCB(loggers, run.plan))
+    track = TrackCB(loggers, run.plan)
     if len(run.data.val_ds):
         cbs.append(PanelCB(run.data.val_ds, out/'predictions', run.plan.epochs, cfg.panel_every, lambda: state.best_epoch,
-                           loggers, run.model.mean, run.model.std))
-    return cbs
+                           track.queue_image, run.model.mean, run.model.std))
+    return cbs + [track]
 
 # %% ../nbs/14_track.ipynb #2f692475
 class LiveView:
