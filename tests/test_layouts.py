@@ -191,3 +191,27 @@ def test_not_found_names_what_was_looked_for_and_there(tmp_path, capsys):
     rc = main(['data-check', '--dataset-path', str(d)])
     err = capsys.readouterr().err
     assert rc == 2 and 'no dataset found' in err and 'Train_Image' in err and 'pictures/' in err and 'outlines/' in err
+
+
+def test_flagged_training_then_evaluate_scores_every_test_set(session, tmp_path, monkeypatch):
+    """A tiny run trained on COD10K train + NC4K (allowed, so flagged in the banner and history.csv); `evaluate` then
+    scores every test set found in the session, NC4K marked as trained on in the table."""
+    import torch
+    from codseg.train import train
+    from codseg.evaluate import evaluate
+    monkeypatch.setenv('CODSEG_CACHE', str(tmp_path/'cache')); torch.set_num_threads(1)
+    before, said = snapshot(session), []
+    cfg = Config(dataset_path=str(session), train_sets='COD10K-train,NC4K', allow_test_training=True, epochs=2,
+                 stage1_epochs=1, img_size=64, backbone='edgenext_xx_small', pretrained=False, num_experts=2, batch_size=4,
+                 accumulation_steps=1, num_workers=0, device='cpu', checkpoint_dir=str(tmp_path/'run'), seed=0)
+    train(cfg, say=lambda *a: said.append(' '.join(map(str, a))))
+    log = '\n'.join(said)
+    assert 'WARNING: this run trains or validates on the test set(s) NC4K' in log and 'NC4K: train (--train-sets NC4K' in log
+    rows = (tmp_path/'run'/'history.csv').read_text().splitlines()
+    assert rows[0].endswith(',test_trained') and all(r.endswith(',NC4K') for r in rows[1:]) and len(rows) == 3
+    out = []
+    res = evaluate(tmp_path/'run'/'best_model.pth', session, output=tmp_path/'res', device='cpu', num_workers=0,
+                   say=out.append, progress=True)
+    assert {r['dataset']: r['images'] for r in res} == {'COD10K': 4, 'CAMO': 3, 'NC4K [trained on]': 5, 'CHAMELEON': 4}
+    assert json.loads((tmp_path/'res'/'eval_best_model.json').read_text())['test_trained'] == ['NC4K']
+    assert snapshot(session) == before
