@@ -194,6 +194,12 @@ def test_kernel_runs_headless(fresh):
     rows = (res / 'eval_best_model.csv').read_text().splitlines()
     assert len(rows) == 2 and rows[1].startswith('COD10K,4,'), rows  # the 4 synthetic test images, camouflaged only
     assert 'starting a new run' in out and epochs_printed(out) == [1, 2], out
+    check = sh.user_ns['check']  # data-check ran with the training settings and its JSON was read
+    assert check['seed'] == TINY['seed'] == sh.user_ns['cfg'].seed and check['val_fraction'] == sh.user_ns['cfg'].val_fraction
+    assert check['roles'] == {'COD10K-train': {'role': 'train', 'reason': "COD10K's Train split: trained on"},
+                              'COD10K': {'role': 'test', 'reason': "COD10K's Test split (a test set of the field): evaluated, "
+                                                                   'never trained on'}}
+    assert check['train'] + check['val'] == 16 and check['test'] == {'COD10K': 4} and '--seed 0' in out
     assert snapshot(inp) == before, 'the kernel wrote inside its input folder'
 
 def test_kernel_torchrun_flags(fresh):
