@@ -28,7 +28,8 @@ MASK_SUFFIXES = ('_mask', '-mask', '_gt', '-gt', '_label')  # tolerated endings 
 SPLIT_DIRS = ('train', 'test')  # split folders of the COD10K-v3 layout (lower-cased)
 SINET_TRAIN, SINET_TEST = ('traindataset', 'trainvaldataset'), ('testdataset',)  # SINet pack folders
 ARCHIVE_EXTS = ('.zip', '.tar', '.tar.gz', '.tgz', '.tar.bz2', '.tbz2', '.tar.xz', '.txz')  # archives looked into
-KNOWN_SETS = {'COD10K': r'cod10k', 'CAMO': r'camo', 'NC4K': r'nc4k', 'CHAMELEON': r'chameleon'}  # name -> folder-name token
+KNOWN_SETS = {'COD10K': r'cod10k[a-z0-9]*', 'CAMO': r'camo', 'NC4K': r'nc4k[a-z0-9]*',
+              'CHAMELEON': r'chameleons?'}  # name -> the token in a folder name that says it
 TEST_ONLY = ('NC4K', 'CHAMELEON')  # sets the field only ever tests on
 LAYOUT_HELP = ("COD10K-v3 (Train/Image + Train/GT_Object, Test/...), a SINet pack (TrainDataset/{Imgs,GT}, "
                "TestDataset/<NAME>/{Imgs,GT}), CAMO (Images/Train|Test + GT), images/{train,test} + gts/{train,test}, "
@@ -148,7 +149,13 @@ def find_dataset_root(path=None, kaggle_input=None) -> Path:
     roots = find_roots(p) + [a.parent for a in find_archives(p)]
     if roots: return roots[0] if len(roots) == 1 else _common(roots)
     raise DataError(f'no dataset found in {p} (searched {MAX_DEPTH} levels down). Looked for {LAYOUT_HELP}. '
-                    f'Found: {_listing(p)}. Fix: point --dataset-path at the folder holding these.')
+                    f'Found: {_listing(p)}{_image_folders(p)}. Fix: point --dataset-path at the folder holding these.')
+
+def _image_folders(base: Path, n=5) -> str:
+    "'; folders holding images: ...' for the first `n` folders below `base` that hold image files (or '')."
+    hits = [d for d in _walk(base) if any(e.is_file() and is_image_file(e.name) for e in _entries(d))]
+    if not hits: return '; no image files anywhere below it'
+    return '; folders holding images: ' + ', '.join(f'{d.relative_to(base)}/' for d in hits[:n]) + (' ...' if len(hits) > n else '')
 
 # %% ../nbs/01_layout.ipynb #6ce2f2df
 @dataclass
@@ -261,7 +268,7 @@ def _units(d: Path) -> list[tuple[Path, Path, str | None]]:
     if im and gt: return [(im, gt, None)]
     return [(v['image'], v['mask'], s) for s, v in _split_named(d).items()]
 
-_TOKENS = {'train': r'train|training|traindataset|trainvaldataset|trainset', 'test': r'test|testing|testdataset|testset'}
+_TOKENS = {'train': r'train(?:ing)?(?:val)?(?:set|dataset|data)?', 'test': r'test(?:ing)?(?:set|dataset|data)?'}  # split words
 _STRUCTURAL = re.compile(r'^(train|test|training|testing|traindataset|testdataset|trainvaldataset|datasets?|versions|'
                          r'\d+|' + '|'.join(IMAGE_DIRS + MASK_DIRS) + r')$')
 
@@ -525,8 +532,9 @@ def train_val_pairs(cfg: Config) -> tuple[list[Pair], list[Pair], Found]:
     found = discover_cfg(cfg)
     _no_missing(found, ['train'], cfg.skip_bad)
     if not found.train:
-        raise DataError(f'no training images in {found.root} (layout {found.layout}; sets {found.roles()}). Fix: point '
-                        '--dataset-path at a dataset with a training split, or name one with --train-sets.')
+        raise DataError(f'no training images in {found.root} (layout {found.layout}; sets {found.roles()}'
+                        + ''.join(f'; {a}' for a in found.archives) + '). Fix: point --dataset-path at a dataset with '
+                        'a training split, or name one with --train-sets.')
     if cfg.val_path: train, val = found.train, _val_pairs(cfg, found)
     else: train, val = split_train_val(found.train, cfg.val_fraction, cfg.seed)
     if both := {p.name for p in train} & {p.name for p in val}:

@@ -215,3 +215,25 @@ def test_flagged_training_then_evaluate_scores_every_test_set(session, tmp_path,
     assert {r['dataset']: r['images'] for r in res} == {'COD10K': 4, 'CAMO': 3, 'NC4K [trained on]': 5, 'CHAMELEON': 4}
     assert json.loads((tmp_path/'res'/'eval_best_model.json').read_text())['test_trained'] == ['NC4K']
     assert snapshot(session) == before
+
+
+def test_archive_without_images_and_only_images_say_what_is_there(tmp_path, capsys):
+    kin = tmp_path/'input'/'cod10k-zip'; kin.mkdir(parents=True)
+    with zipfile.ZipFile(kin/'COD10K-v3.zip', 'w') as z: z.writestr('COD10K-v3/README.txt', 'no images')
+    rc, js = check(capsys, '--dataset-path', kin, '--extract-dir', tmp_path/'x')
+    assert rc == 1 and 'COD10K-v3.zip: no images inside; not extracted' in ' '.join(js['problems']), js
+    d = tmp_path/'input'/'only-images'
+    img(d/'deep'/'Imgs'/'a.jpg')
+    rc = main(['data-check', '--dataset-path', str(d)])
+    err = capsys.readouterr().err
+    assert rc == 2 and 'folders holding images: deep/Imgs/' in err and 'mask folders:' in err
+
+
+def test_names_by_token_not_by_substring(tmp_path, capsys):
+    "'camouflage' is not CAMO; 'TrainingSet' and 'cod10kv3' are read; a plain folder of another name is trained on."
+    kin = tmp_path/'input'
+    plain(kin/'camouflage-photos', 3, 'p')
+    pairs(kin/'cod10kv3', 'TrainingSet/Imgs', 'TrainingSet/GT', [CAM.format(i) for i in range(2)])
+    pairs(kin/'cod10kv3', 'TestingSet/Imgs', 'TestingSet/GT', [CAM.format(10 + i) for i in range(2)])
+    rc, js = check(capsys, '--dataset-path', kin)
+    assert rc == 0 and roles(js) == {'camouflage-photos': 'train', 'COD10K-train': 'train', 'COD10K': 'test'}, js
