@@ -503,7 +503,8 @@ def _no_missing(found: Found, splits, skip_bad: bool, flag='--dataset-path'):
 
 def _is_set_name(cfg: Config) -> bool:
     "Whether `cfg.val_path` names a set of the dataset rather than a folder."
-    return bool(cfg.val_path) and cfg.val_path != 'synthetic' and not Path(cfg.val_path).expanduser().exists()
+    v = cfg.val_path
+    return bool(v) and v != 'synthetic' and '/' not in v and os.sep not in v and not Path(v).expanduser().exists()
 
 def discover_cfg(cfg: Config, path=None) -> Found:
     "`discover` with the data settings of `cfg` (the dataset path, or `path`), roles included."

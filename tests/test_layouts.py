@@ -237,3 +237,8 @@ def test_names_by_token_not_by_substring(tmp_path, capsys):
     pairs(kin/'cod10kv3', 'TestingSet/Imgs', 'TestingSet/GT', [CAM.format(10 + i) for i in range(2)])
     rc, js = check(capsys, '--dataset-path', kin)
     assert rc == 0 and roles(js) == {'camouflage-photos': 'train', 'COD10K-train': 'train', 'COD10K': 'test'}, js
+
+
+def test_val_path_folder_that_does_not_exist(session, capsys):
+    rc, js = check(capsys, '--dataset-path', session, '--val-path', session/'nope'/'CAMO-V.1.0')
+    assert rc == 1 and any("nope/CAMO-V.1.0' does not exist" in p for p in js['problems']), js
