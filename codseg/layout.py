@@ -108,7 +108,8 @@ def find_roots(base: Path) -> list[Path]:
 
 def find_archives(base: Path) -> list[Path]:
     "Every archive file at or below `base` (not inside dataset roots)."
-    return [Path(e.path) for d in _walk(Path(base), stop=layout_of) for e in _entries(d) if e.is_file() and is_archive(e.name)]
+    return [Path(e.path) for d in _walk(Path(base), stop=layout_of) for e in _entries(d)
+            if e.is_file() and is_archive(e.name)]
 
 def _common(paths: list[Path]) -> Path:
     "The deepest folder holding all of `paths`."
@@ -155,7 +156,8 @@ def _image_folders(base: Path, n=5) -> str:
     "'; folders holding images: ...' for the first `n` folders below `base` that hold image files (or '')."
     hits = [d for d in _walk(base) if any(e.is_file() and is_image_file(e.name) for e in _entries(d))]
     if not hits: return '; no image files anywhere below it'
-    return '; folders holding images: ' + ', '.join(f'{d.relative_to(base)}/' for d in hits[:n]) + (' ...' if len(hits) > n else '')
+    more = ' ...' if len(hits) > n else ''
+    return '; folders holding images: ' + ', '.join(f'{d.relative_to(base)}/' for d in hits[:n]) + more
 
 # %% ../nbs/01_layout.ipynb #6ce2f2df
 @dataclass
@@ -268,7 +270,8 @@ def _units(d: Path) -> list[tuple[Path, Path, str | None]]:
     if im and gt: return [(im, gt, None)]
     return [(v['image'], v['mask'], s) for s, v in _split_named(d).items()]
 
-_TOKENS = {'train': r'train(?:ing)?(?:val)?(?:set|dataset|data)?', 'test': r'test(?:ing)?(?:set|dataset|data)?'}  # split words
+_TOKENS = {'train': r'train(?:ing)?(?:val)?(?:set|dataset|data)?',
+           'test': r'test(?:ing)?(?:set|dataset|data)?'}  # the words that name a split
 _STRUCTURAL = re.compile(r'^(train|test|training|testing|traindataset|testdataset|trainvaldataset|datasets?|versions|'
                          r'\d+|' + '|'.join(IMAGE_DIRS + MASK_DIRS) + r')$')
 
@@ -299,11 +302,13 @@ def _describe(parts: list[str], split: str | None, pairs: list[Pair]) -> tuple[s
     if known in TEST_ONLY:
         return known, True, f'{known} is one of the field\'s test sets (test only): evaluated, never trained on'
     if split == 'test':
-        return base, True, f"{base}'s Test split" + (' (a test set of the field)' if known else '') + ': evaluated, never trained on'
+        field = ' (a test set of the field)' if known else ''
+        return base, True, f"{base}'s Test split{field}: evaluated, never trained on"
     if split == 'train':
         sinet = any(p.lower() in SINET_TRAIN for p in parts)
         name = parts[0] if sinet and not known else f'{base}-train'
-        return name, False, (f"{base}'s Train split" if not sinet else 'a SINet training pack (TrainDataset)') + ': trained on'
+        what = 'a SINet training pack (TrainDataset)' if sinet else f"{base}'s Train split"
+        return name, False, f'{what}: trained on'
     if known:  # COD10K or CAMO images with no Train/Test folder: the test set distributed on its own
         return known, True, f'{known} images with no Train/Test split, taken as its test set: evaluated, never trained on'
     return base, False, 'an image/mask folder pair that is no known test set: trained on'
@@ -327,7 +332,8 @@ def _add(sets: dict, ds: DataSet, problems: list):
     "Add `ds` to `sets`: a copy of a set already there is left out, another set of the same name renamed."
     if (old := sets.get(ds.name)) is not None:
         if [p.name for p in old.pairs] == [p.name for p in ds.pairs]:
-            problems.append(f'{ds.where} holds the same {len(ds.pairs)} images as {ds.name} in {old.where}; left out (a copy)')
+            problems.append(f'{ds.where} holds the same {len(ds.pairs)} images as {ds.name} in {old.where}; '
+                            'left out (a copy)')
             return
         ds.name = f'{ds.name}@{_label(ds.where)}'
     sets[ds.name] = ds
@@ -391,11 +397,15 @@ def archive_summary(archive: Path) -> tuple[int, str]:
         if is_image_file(m): by[str(Path(m).parent)] = by.get(str(Path(m).parent), 0) + 1
     return sum(by.values()), ', '.join(f'{d} ({n})' for d, n in list(by.items())[:8]) + (' ...' if len(by) > 8 else '')
 
-def extract(archive: Path, extract_dir: Path) -> tuple[Path, bool]:
-    "Extract `archive` once into its own folder under `extract_dir`; (that folder, whether it was extracted now)."
+def _target(archive: Path, extract_dir: Path) -> Path:
+    "The folder under `extract_dir` that `archive` (as it is now: path, size, mtime) extracts into."
     st = archive.stat()
     key = hashlib.sha1(f'{archive.resolve()}|{st.st_size}|{st.st_mtime_ns}'.encode()).hexdigest()[:10]
-    out = Path(extract_dir)/f"{re.sub(ARCHIVE_RE, '', archive.name)}-{key}"
+    return Path(extract_dir)/f"{ARCHIVE_RE.sub('', archive.name)}-{key}"
+
+def extract(archive: Path, extract_dir: Path, note: str = '') -> tuple[Path, bool]:
+    "Extract `archive` once into its own folder under `extract_dir`; (that folder, whether it was extracted now)."
+    out = _target(archive, extract_dir)
     if (out/'.codseg-extracted').is_file(): return out, False
     tmp = out.with_name(out.name + f'.{os.getpid()}.tmp')
     shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
@@ -404,7 +414,7 @@ def extract(archive: Path, extract_dir: Path) -> tuple[Path, bool]:
             with zipfile.ZipFile(archive) as z: z.extractall(tmp)
         else:
             with tarfile.open(archive) as t: t.extractall(tmp, filter='data')
-        (tmp/'.codseg-extracted').write_text(str(archive))
+        (tmp/'.codseg-extracted').write_text(note or str(archive))
         shutil.rmtree(out, ignore_errors=True); os.replace(tmp, out)
     finally: shutil.rmtree(tmp, ignore_errors=True)
     return out, True
@@ -420,13 +430,17 @@ def _archives(root: Path, extract_dir, notes: list[str]) -> list[tuple[Path, lis
         raise DataError(f'--extract-dir {xd} is inside the input folder {root}, and codseg never writes into its inputs. '
                         'Fix: pass a folder outside it (on Kaggle, e.g. /kaggle/temp/codseg-extract).')
     for a in arcs:
-        n, what = archive_summary(a)
-        stem = ARCHIVE_RE.sub('', a.name)
-        if not n: notes.append(f'archive {a}: no images inside; not extracted'); continue
-        if (a.parent/stem).is_dir(): notes.append(f'archive {a} holds {n} images: {what}; not extracted, '
-                                                  f'{a.parent/stem} beside it is the same data unpacked'); continue
-        folder, now = extract(a, xd)
-        notes.append(f"archive {a} holds {n} images: {what}; {'extracted into' if now else 'already extracted in'} {folder}")
+        stem, marker = ARCHIVE_RE.sub('', a.name), _target(a, xd)/'.codseg-extracted'
+        if marker.is_file(): held = marker.read_text()  # listed when it was extracted (a .tar.gz lists slowly)
+        else:
+            n, what = archive_summary(a)
+            if not n: notes.append(f'archive {a}: no images inside; not extracted'); continue
+            held = f'{n} images: {what}'
+        if (a.parent/stem).is_dir():
+            notes.append(f'archive {a} holds {held}; not extracted, {a.parent/stem} beside it is the same data unpacked')
+            continue
+        folder, now = extract(a, xd, held)
+        notes.append(f"archive {a} holds {held}; {'extracted into' if now else 'already extracted in'} {folder}")
         rel = a.parent.relative_to(root).parts if a.parent != root else ()
         out.append((folder, [stem, *reversed(rel), root.name]))
     return out
@@ -454,7 +468,8 @@ def _collect(found: Found):
         if s.role != 'train': continue
         names = {p.name for p in found.train}
         if dup := [p for p in s.pairs if p.name in names]:
-            found.problems.append(f'{len(dup)} training image(s) of {k} repeat names already found, e.g. {dup[0].name}; left out')
+            found.problems.append(f'{len(dup)} training image(s) of {k} repeat names already found, '
+                                  f'e.g. {dup[0].name}; left out')
         found.train.extend(p for p in s.pairs if p.name not in names)
     found.train.sort(key=lambda p: p.name)
 
@@ -605,7 +620,8 @@ def _report(cfg: Config, decode: bool, say, as_json=False) -> int:
         say(f"  {'train' if split == 'train' else 'test ' + split:<20} {n:>6} pairs" + (f"   {'; '.join(extra)}" if extra else ''))
     say('roles:')
     for k, s in found.sets.items(): say(f'  {k:<24} {s.role:<6} {len(s.pairs):>6}  {s.reason}')
-    if flagged := found.test_trained(): say(f"WARNING: trains or validates on recognised test set(s) {', '.join(flagged)}")
+    if flagged := found.test_trained():
+        say(f"WARNING: trains or validates on recognised test set(s) {', '.join(flagged)}")
     sets = {'training': tr, 'validation': va, **found.tests}
     checked = {k: check_pairs(ps, skip_bad=True, decode=decode) for k, ps in sets.items()}
     say(f"checked {'every pixel' if decode else 'the headers'} of " + ', '.join(f'{k} {len(v)}' for k, v in sets.items())
