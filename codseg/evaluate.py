@@ -138,6 +138,11 @@ def _settings(ck_cfg: Config, path, img_size=None, batch_size=None, **given) -> 
     cfg = replace(ck, dataset_path=str(path), img_size=img_size or ck.img_size, **kw)
     return cfg, batch_size or 2 * max(ck.batch_size, ck.stage2_batch_size)
 
+def _test_trained(cfg: Config) -> set[str]:
+    "Names (lower-case) of the sets the checkpoint's run trained or validated on by --allow-test-training."
+    if not cfg.allow_test_training: return set()
+    return {n.lower() for n in [*(cfg.train_sets or '').split(','), Path(cfg.val_path or '').name] if n.strip()}
+
 def evaluate(checkpoint, dataset_path, output=None, tta: bool = False,
              save_predictions=None,  # folder for the scored maps as PNG (a subfolder per set when there are several)
              device=None, batch_size=None, num_workers=None, img_size=None, include_noncam=None, skip_bad=None, amp=None,
@@ -160,9 +165,11 @@ def evaluate(checkpoint, dataset_path, output=None, tta: bool = False,
         save = save_predictions and (Path(save_predictions)/name if len(sets) > 1 else Path(save_predictions))
         dl = eval_loader(pairs, cfg.img_size, model.mean, model.std, bs, cfg.num_workers)
         rows.append({'dataset': name, **score_set(model, dl, dev, tta, _amp(dev, cfg.amp), save, name, progress)})
+    trained = [r['dataset'] for r in rows if r['dataset'].lower() in _test_trained(cfg)]  # marked in the table
+    rows = [{**r, 'dataset': r['dataset'] + ' [trained on]'} if r['dataset'] in trained else r for r in rows]
     say(format_table(rows))
     meta = dict(checkpoint=str(checkpoint), dataset_path=str(dataset_path), root=str(root), img_size=cfg.img_size, tta=tta,
-                include_noncam=cfg.include_noncam, backbone=cfg.backbone)
+                include_noncam=cfg.include_noncam, backbone=cfg.backbone, test_trained=trained)
     say(write_results(rows, meta, csv_p, json_p) + (f'; maps in {save_predictions}' if save_predictions else ''))
     return rows
 

@@ -132,6 +132,9 @@ class HistoryCB(Callback):
         lr, blr = self.plan.lr(self.plan.first_step(e) + self.plan.steps_per_epoch(e) - 1)
         row = dict(epoch=e + 1, stage=self.plan.stage(e), loss=m['loss'], iou=m['iou'], dice=m['dice'], lr=lr,
                    backbone_lr=blr, seconds=round(time.time() - self.t0, 1), skipped_steps=getattr(learn, 'skipped', 0))
+        if flagged := getattr(learn.train_dl.dataset, 'test_trained', None):  # --allow-test-training: every row says so
+            for r in learn.history: r.setdefault('test_trained', '')
+            row['test_trained'] = ' '.join(flagged)
         learn.history.append(row)
         if self.out is None: return
         self.say(epoch_line(row))
@@ -376,7 +379,9 @@ def banner(run) -> str:
     amp = amp_dtype(d.device, run.cfg.amp)
     return '\n'.join([f'codseg: {run.cfg.backbone} x{run.cfg.num_experts} experts on {d.device}'
                       f"{f' x{d.world} processes' if d.world > 1 else ''}, AMP {str(amp).replace('torch.', '') if amp else 'off'}",
-                      run.data.summary, f'Plan: {run.note}', run.plan.summary()])
+                      run.data.summary, f'Plan: {run.note}', run.plan.summary()] +
+                     [f"WARNING: this run trains or validates on the test set(s) {', '.join(t)}"
+                      for t in [run.data.found.test_trained()] if t])
 
 def _claim_dir(out, run):
     "Create the checkpoint folder, clear temporary files a killed run left; refuse to overwrite an earlier run."
