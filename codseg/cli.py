@@ -208,6 +208,8 @@ def _short_errors(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run_command(name: str, argv: list, debug: bool = False) -> int:
     "Parse and check `argv` for command `name`, run it; print one line on an error; the exit status."
     parser, runner, _ = COMMANDS[name]
+    import warnings  # torch's note on an unusual pickle protocol speaks of weights_only; the error line says enough
+    warnings.filterwarnings('ignore', module=r'torch\._weights_only_unpickler')
     try:
         if parser: check_settings(_short_errors(_load(parser)()).parse_args(argv), name)
         return _load(runner)(argv) or 0
