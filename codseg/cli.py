@@ -124,7 +124,7 @@ def check_settings(ns: argparse.Namespace, command: str = 'train') -> Config:
     if 'start' in given and not 0 < ns.start < ns.end:
         raise UsageError(f'--start {ns.start} and --end {ns.end}: the sweep needs 0 < --start < --end')
     if given.get('steps', 10) < 10: raise UsageError(f"--steps {ns.steps} must be at least 10")
-    if command in ('evaluate', 'find-lr') and not given.get('dataset_path'):
+    if command in ('train', 'evaluate', 'find-lr') and not given.get('dataset_path'):
         raise UsageError(f"--dataset-path is required: a dataset folder, a /kaggle/input mount, or synthetic")
     inputs = []
     if command != 'lr-preview' or given.get('train_size') is None:
@@ -193,25 +193,23 @@ def _usage() -> str:
     return ('usage: codseg [--debug] <command> [flags]   (codseg <command> --help for its flags; --debug: tracebacks)'
             '\n\ncommands:\n' + '\n'.join(f'  {k:<{w}}  {v[2]}' for k, v in COMMANDS.items()))
 
-def _short_errors(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    "Make `p` report a flag error in one line (the nearest known flag suggested), not with its whole usage."
+def _flag_error(p: argparse.ArgumentParser, msg: str):
+    "argparse's error, in one line (the nearest known flag suggested) instead of the whole usage; exit status 2."
     import difflib
-    def error(msg):
-        flags = [o for a in p._actions for o in a.option_strings]
-        words = [w for w in msg.split() if w.startswith('--')]
-        near = difflib.get_close_matches(words[0].split('=')[0], flags, 1) if words else []
-        hint = f'did you mean {near[0]}? ' if near and 'unrecognized' in msg else ''
-        p.exit(2, f'{p.prog}: {msg}: {hint}{p.prog} --help lists the flags\n')
-    p.error = error
-    return p
+    flags = [o for a in p._actions for o in a.option_strings]
+    words = [w for w in msg.split() if w.startswith('--')]
+    near = difflib.get_close_matches(words[0].split('=')[0], flags, 1) if words else []
+    hint = f'did you mean {near[0]}? ' if near and 'unrecognized' in msg else ''
+    p.exit(2, f'{p.prog}: {msg}: {hint}{p.prog} --help lists the flags\n')
 
 def run_command(name: str, argv: list, debug: bool = False) -> int:
     "Parse and check `argv` for command `name`, run it; print one line on an error; the exit status."
     parser, runner, _ = COMMANDS[name]
     import warnings  # torch's note on an unusual pickle protocol speaks of weights_only; the error line says enough
     warnings.filterwarnings('ignore', module=r'torch\._weights_only_unpickler')
+    error, argparse.ArgumentParser.error = argparse.ArgumentParser.error, _flag_error  # every parser, while it runs
     try:
-        if parser: check_settings(_short_errors(_load(parser)()).parse_args(argv), name)
+        if parser: check_settings(_load(parser)().parse_args(argv), name)
         return _load(runner)(argv) or 0
     except SystemExit as e: return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException as e:
@@ -219,6 +217,7 @@ def run_command(name: str, argv: list, debug: bool = False) -> int:
         if debug: traceback.print_exc()
         print(f'codseg {name}: {msg}', file=sys.stdout if rc == 0 else sys.stderr)
         return rc
+    finally: argparse.ArgumentParser.error = error
 
 def main(argv=None):
     "Run `codseg [--debug] <command> ...`; returns the exit status."
