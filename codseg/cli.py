@@ -107,14 +107,16 @@ OUTPUTS = ('checkpoint_dir', 'cache_dir', 'output', 'save_predictions', 'png', '
 
 def check_settings(ns: argparse.Namespace, command: str = 'train') -> Config:
     "Check the parsed flags `ns` of `command` before anything heavy; the Config they give, or `UsageError`."
-    from codseg.schedule import PlanError, plan_settings, _check
+    from codseg.schedule import PlanError, plan_settings, _check, make_plan
     cfg, given = from_args(ns), vars(ns)
     for n, (ok, what) in RANGES.items():
         if given.get(n) is not None and not ok(given[n]): raise UsageError(f'{_flag(n)} {given[n]} must be {what}')
     if 'top_k' in given and cfg.top_k > cfg.num_experts:
         raise UsageError(f'--top-k {cfg.top_k} is above --num-experts {cfg.num_experts}: lower --top-k')
     if 'lr' in given:  # the plan's own checks (n_train and world size are checked where they are known)
-        try: _check(plan_settings(cfg), 1, 1)
+        try:
+            _check(plan_settings(cfg), 1, 1)
+            if command == 'train' and not cfg.resume_from: make_plan(cfg, 10 ** 6)  # warmup, floor: any training size
         except PlanError as e: raise UsageError(str(e)) from None
     for n in ('pretrained_path', 'checkpoint') + (('resume_from',) if command != 'lr-preview' else ()):
         v = given.get(n)
