@@ -157,7 +157,8 @@ def one_line(msg: str) -> str:
     msg = re.sub(r'\s*\((\w+Error|\w+Exception): [^;]*?weights_only.*?\)(?=;|$)', '', msg, flags=re.S)
     if 'weights_only' in msg: msg = msg.split('weights_only')[0].rstrip(' (:;,.') + ' (not a readable checkpoint)'
     if 'Error(s) in loading state_dict' in msg:  # not PyTorch's list of every missing and unexpected key
-        msg = re.sub(r'Error\(s\) in loading state_dict.*', 'missing or unexpected weights', msg, flags=re.S)
+        msg = re.sub(r'Error\(s\) in loading state_dict.*?(\.\.\.\)|$)',  # up to the end of a quoted excerpt
+                     lambda m: 'missing or unexpected weights' + (')' if m.group(1) else ''), msg, flags=re.S)
     return ' '.join(msg.split())
 
 def describe(e: BaseException) -> tuple[str, int]:
