@@ -68,9 +68,12 @@ def synthetic_dataset(d: Path) -> Path:
 def test_no_output_inside_an_input(tmp_path):
     "--checkpoint-dir, --cache-dir, --png and --csv inside the dataset folder are refused (exit 2) and nothing is written."
     ds = synthetic_dataset(tmp_path/'COD10K-v3')
+    (tmp_path/'c.pth').write_bytes(b'')
     before = sorted(p for p in ds.rglob('*'))
     for cmd, flag, extra in (('train', '--checkpoint-dir', []), ('train', '--cache-dir', []), ('find-lr', '--png', []),
-                             ('find-lr', '--checkpoint-dir', []), ('lr-preview', '--csv', []), ('lr-preview', '--png', [])):
+                             ('find-lr', '--checkpoint-dir', []), ('lr-preview', '--csv', []), ('lr-preview', '--png', []),
+                             ('evaluate', '--output', ['--checkpoint', tmp_path/'c.pth']),
+                             ('evaluate', '--save-predictions', ['--checkpoint', tmp_path/'c.pth'])):
         target = ds/'out'/('x.png' if flag in ('--png', '--csv') else 'dir')
         rc, out, err, secs = codseg(cmd, '--dataset-path', ds, flag, target, *extra)
         assert rc == 2 and f'{flag} {target} is inside the input --dataset-path' in err and secs < 2, (cmd, flag, err)
