@@ -115,3 +115,17 @@ def test_evaluate_predict_checkpoint_errors_one_prefix(tmp_path):
         rc, out, err, _ = codseg(cmd, '--checkpoint', bad, '--device', 'cpu', *extra)
         lines = err.strip().splitlines()
         assert rc == 1 and len(lines) == 1 and lines[0].count('--checkpoint') == 1 and '--resume-from' not in err, err
+
+@pytest.mark.parametrize('kind', ['missing', 'empty', 'file'])
+def test_lr_preview_bad_dataset_path(kind, tmp_path):
+    "The README's first lr-preview on a machine without that dataset: one line naming the path, exit 2, no traceback."
+    p = tmp_path/kind
+    if kind == 'empty': p.mkdir()
+    if kind == 'file': p.write_text('x')
+    rc, out, err, secs = codseg('lr-preview', '--dataset-path', p, '--epochs', 10, '--stage1-epochs', 2)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and str(p) in err and 'Traceback' not in err and secs < 2, err
+
+def test_read_only_checkpoint_dir_refused_early(tmp_path):
+    "A --checkpoint-dir that cannot be written (here under /proc) is refused before anything heavy, naming the flag."
+    rc, out, err, secs = codseg('train', '--dataset-path', 'synthetic', '--checkpoint-dir', '/proc/1/codseg-ck')
+    assert rc == 2 and err.startswith('codseg train: --checkpoint-dir /proc/1/codseg-ck') and 'not writable' in err, err
