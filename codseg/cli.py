@@ -143,6 +143,11 @@ def check_settings(ns: argparse.Namespace, command: str = 'train') -> Config:
                                  'its inputs: pass a folder outside it')
         is_file = n in ('png', 'csv')
         _writable(_flag(n), Path(given[n]).parent if is_file else given[n])
+    if command == 'evaluate' and not given.get('output') and given.get('checkpoint'):  # results go beside the checkpoint
+        for f, src in inputs:
+            if _inside(Path(given['checkpoint']).parent, src):
+                raise UsageError(f"--checkpoint {given['checkpoint']} is inside the input {_flag(f)} {src}, and the results "
+                                 'would be written beside it: pass --output DIR outside the dataset')
     return cfg
 
 # %% ../nbs/20_cli.ipynb #ae257f9c

@@ -80,6 +80,9 @@ def test_no_output_inside_an_input(tmp_path):
     rc, out, err, _ = codseg('predict', '--checkpoint', ds/'Train'/'Image'/os.listdir(ds/'Train'/'Image')[0], '--input',
                              ds/'Train'/'Image', '--output', ds/'Train'/'Image'/'maps')
     assert rc == 2 and '--output' in err and 'inside the input --input' in err, err
+    ck_inside = ds/'Train'/'Image'/os.listdir(ds/'Train'/'Image')[0]
+    rc, out, err, _ = codseg('evaluate', '--checkpoint', ck_inside, '--dataset-path', ds)  # results beside the checkpoint
+    assert rc == 2 and 'pass --output DIR outside the dataset' in err, err
     assert sorted(p for p in ds.rglob('*')) == before
 
 def test_debug_shows_the_traceback(tmp_path):
