@@ -18,7 +18,7 @@ __all__ = ['PLATEAU_ADVICE', 'ARCH', 'Dist', 'seed_everything', 'save_atomic', '
            'find_resume', 'unfrozen_stages', 'StageCB', 'ChannelsLastCB', 'fast_model', 'HistoryCB', 'epoch_line',
            'write_history', 'plot_history', 'WatchCB', 'RunState', 'CheckpointCB', 'SessionLimitCB', 'StopSignalCB',
            'check_same_arch', 'model_state', 'Run', 'make_learner', 'train', 'banner', 'model_from_checkpoint',
-           'validate', 'train_parser', 'train_cli']
+           'validate', 'train_cli']
 
 # %% ../nbs/10_train.ipynb #5c25fcb5
 class Dist:
@@ -424,15 +424,9 @@ def validate(checkpoint, device='auto', **overrides) -> dict:
     return meter.compute()
 
 # %% ../nbs/10_train.ipynb #8b72494d
-def train_parser():
-    "The argparse parser of `codseg train`."
-    p = argparse.ArgumentParser(prog='codseg train', description='Train a COD model in two stages.')
-    return add_args(p, DATA + MODEL + PLAN + TRAIN)
+from .cli import train_parser  # the parser lives in the light codseg.cli: `codseg train --help` imports no torch
 
 def train_cli(argv=None) -> int:
-    "Run `codseg train`; 0 on success, 1 when the run stopped on divergence or bad input."
-    cfg = from_args(train_parser().parse_args(argv))
-    try: r = train(cfg)
-    except (TrainingDiverged, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-        print(f'codseg train: {e}', file=sys.stderr); return 1
+    "Run `codseg train` with flags `argv`; errors reach `codseg.cli.main`, which prints one line and sets the exit status."
+    train(from_args(train_parser().parse_args(argv)))
     return 0
