@@ -32,6 +32,11 @@ class Config:
     cache_dir: Optional[str] = None  # folder for a resized-image cache reused across sessions
     synthetic_n: int = 240  # images in the on-the-fly synthetic dataset (--dataset-path synthetic)
     synthetic_size: int = 160  # side of the on-the-fly synthetic images, pixels
+    # data sets and their roles (which are trained on, validated on, tested)
+    train_sets: Optional[str] = None  # comma-separated names of the sets to train on (default: every set that is no test set)
+    test_sets: Optional[str] = None  # comma-separated names of the sets to evaluate (default: every recognised test set)
+    allow_test_training: bool = False  # allow training or validating on a recognised test set (the run is flagged)
+    extract_dir: Optional[str] = None  # where archives in the inputs are extracted, once (default: /kaggle/temp on Kaggle, else ~/.cache/codseg)
     # model
     backbone: str = 'edgenext_base'  # timm backbone name (features_only)
     num_experts: int = 7  # experts in the mixture-of-experts decoder block

@@ -338,6 +338,10 @@ def _summary(cfg: Config, found: Found, train, val, skipped: list[str]) -> str:
     if found.noncam: lines.append(f"  NonCAM {'kept' if cfg.include_noncam else 'left out'}: " +
                                   ', '.join(f'{k} {v}' for k, v in found.noncam.items()))
     if found.tests: lines.append('  test sets: ' + ', '.join(f'{k} {len(v)}' for k, v in found.tests.items()))
+    lines += [f'  {k}: {s.role} ({s.reason})' for k, s in found.sets.items()]
+    if flagged := found.test_trained():
+        lines.append(f"  WARNING: trains or validates on recognised test set(s) {', '.join(flagged)} "
+                     '(--allow-test-training): their scores are not test scores')
     miss = sum(len(v) for k, v in found.missing.items() if k == 'train')
     if skipped or miss: lines.append(f'  --skip-bad: left out {len(skipped) + miss} bad pair(s)' +
                                      (f'; first: {skipped[0]}' if skipped else ' (images without masks)'))
@@ -352,6 +356,7 @@ def build_data(cfg: Config, mean, std) -> Data:
     if not train: raise DataError(f'no usable training pairs in {found.root}; run codseg data-check --dataset-path {cfg.dataset_path}')
     mk = lambda ps, tf: SegDataset(ps, tf(cfg.img_size, mean, std), seed=cfg.seed, skip_bad=cfg.skip_bad)
     data = Data(mk(train, train_transform), mk(val, eval_transform), found, _summary(cfg, found, train, val, bad_t + bad_v))
+    data.train_ds.test_trained = found.test_trained()  # the history and results flag these sets
     if cfg.cache_dir: data.summary += '\n' + cache_data(cfg, found, [data.train_ds, data.val_ds])
     return data
 

@@ -16,10 +16,9 @@ from .data import SegDataset, eval_transform, seed_worker, read_image, read_mask
 from .metrics import SODMeter, to_uint8_map
 
 # %% auto #0
-__all__ = ['TTA_SCALES', 'METRICS', 'RUN_FIELDS', 'CKPT_DEFAULTS', 'load_model', 'pick_device', 'EvalDataset', 'collate',
-           'eval_loader', 'predict_probs', 'score_set', 'find_test_sets', 'evaluate', 'format_table', 'write_results',
-           'evaluate_parser', 'evaluate_cli', 'image_files', 'overlay', 'predict', 'predict_parser', 'predict_cli',
-           'prediction_grid']
+__all__ = ['TTA_SCALES', 'METRICS', 'RUN_FIELDS', 'load_model', 'pick_device', 'EvalDataset', 'collate', 'eval_loader',
+           'predict_probs', 'score_set', 'find_test_sets', 'evaluate', 'format_table', 'write_results', 'evaluate_cli',
+           'image_files', 'overlay', 'predict', 'predict_cli', 'prediction_grid']
 
 # %% ../nbs/11_evaluate.ipynb #72110b49
 def load_model(checkpoint, device):
@@ -28,7 +27,9 @@ def load_model(checkpoint, device):
     p = Path(checkpoint)
     if not p.is_file(): raise FileNotFoundError(f'--checkpoint {p}: no such file; pass a codseg last.pth or best_model.pth')
     try: return model_from_checkpoint(p, device)
-    except (RuntimeError, ValueError) as e: raise ValueError(f'--checkpoint {p}: {e}') from None
+    except (RuntimeError, ValueError) as e:  # load_checkpoint's text names --resume-from: say --checkpoint instead
+        why = str(e).split(': ', 1)[1] if str(e).startswith('--resume-from') else str(e)
+        raise ValueError(f'--checkpoint {p}: {why}') from None
 
 def pick_device(device: str) -> torch.device:
     "`device` ('auto', 'cpu', 'cuda', 'cuda:N') as a torch device, as the trainer picks it."
@@ -138,6 +139,11 @@ def _settings(ck_cfg: Config, path, img_size=None, batch_size=None, **given) -> 
     cfg = replace(ck, dataset_path=str(path), img_size=img_size or ck.img_size, **kw)
     return cfg, batch_size or 2 * max(ck.batch_size, ck.stage2_batch_size)
 
+def _test_trained(cfg: Config) -> set[str]:
+    "Names (lower-case) of the sets the checkpoint's run trained or validated on by --allow-test-training."
+    if not cfg.allow_test_training: return set()
+    return {n.lower() for n in [*(cfg.train_sets or '').split(','), Path(cfg.val_path or '').name] if n.strip()}
+
 def evaluate(checkpoint, dataset_path, output=None, tta: bool = False,
              save_predictions=None,  # folder for the scored maps as PNG (a subfolder per set when there are several)
              device=None, batch_size=None, num_workers=None, img_size=None, include_noncam=None, skip_bad=None, amp=None,
@@ -160,9 +166,11 @@ def evaluate(checkpoint, dataset_path, output=None, tta: bool = False,
         save = save_predictions and (Path(save_predictions)/name if len(sets) > 1 else Path(save_predictions))
         dl = eval_loader(pairs, cfg.img_size, model.mean, model.std, bs, cfg.num_workers)
         rows.append({'dataset': name, **score_set(model, dl, dev, tta, _amp(dev, cfg.amp), save, name, progress)})
+    trained = [r['dataset'] for r in rows if r['dataset'].lower() in _test_trained(cfg)]  # marked in the table
+    rows = [{**r, 'dataset': r['dataset'] + ' [trained on]'} if r['dataset'] in trained else r for r in rows]
     say(format_table(rows))
     meta = dict(checkpoint=str(checkpoint), dataset_path=str(dataset_path), root=str(root), img_size=cfg.img_size, tta=tta,
-                include_noncam=cfg.include_noncam, backbone=cfg.backbone)
+                include_noncam=cfg.include_noncam, backbone=cfg.backbone, test_trained=trained)
     say(write_results(rows, meta, csv_p, json_p) + (f'; maps in {save_predictions}' if save_predictions else ''))
     return rows
 
@@ -184,33 +192,13 @@ def write_results(rows: list[dict], meta: dict, csv_path: Path, json_path: Path)
     return f"results written to {csv_path} and {json_path.name}" + (' (replacing an earlier evaluation)' if existed else '')
 
 # %% ../nbs/11_evaluate.ipynb #38b12316
-CKPT_DEFAULTS = {'img_size': ('network input size, pixels', "the checkpoint's"),
-                 'batch_size': ('images per forward pass', "twice the checkpoint's largest training batch")}
-
-def _default_from_checkpoint(p: argparse.ArgumentParser):
-    "Make --img-size and --batch-size default to None (resolved from the checkpoint later), saying so in --help."
-    for a in p._actions:
-        if a.dest in CKPT_DEFAULTS: a.default, a.help = None, '%s (default: %s)' % CKPT_DEFAULTS[a.dest]
-
-def evaluate_parser():
-    "The argparse parser of `codseg evaluate`."
-    p = argparse.ArgumentParser(prog='codseg evaluate', description="Score a checkpoint on every test set under "
-                                "--dataset-path with the field's protocol (PySODMetrics at each mask's original size).")
-    p.add_argument('--checkpoint', required=True, help='a codseg checkpoint (best_model.pth or last.pth)')
-    p.add_argument('--output', help="folder for eval_<checkpoint>.csv and .json (default: the checkpoint's folder)")
-    p.add_argument('--tta', action='store_true', help='average horizontal flips at 3 scales (6 passes per image)')
-    p.add_argument('--save-predictions', metavar='DIR', help='write the scored maps as <image stem>.png (original size)')
-    add_args(p, ('dataset_path', 'img_size', 'batch_size', 'num_workers', 'include_noncam', 'skip_bad', 'device', 'amp'))
-    _default_from_checkpoint(p)
-    return p
+from .cli import evaluate_parser  # the parser lives in the light codseg.cli: `--help` imports no torch
 
 def evaluate_cli(argv=None) -> int:
-    "Run `codseg evaluate`; 0 on success, 1 on bad input."
+    "Run `codseg evaluate` with flags `argv`; errors reach `codseg.cli.main`, which prints one line and sets the exit status."
     ns = evaluate_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    if not ns.dataset_path: print('codseg evaluate: --dataset-path is required', file=sys.stderr); return 1
-    try: evaluate(ns.checkpoint, ns.dataset_path, ns.output, ns.tta, ns.save_predictions, ns.device, ns.batch_size,
-                  ns.num_workers, ns.img_size, ns.include_noncam, ns.skip_bad, ns.amp)
-    except (ValueError, RuntimeError, OSError) as e: print(f'codseg evaluate: {e}', file=sys.stderr); return 1
+    evaluate(ns.checkpoint, ns.dataset_path, ns.output, ns.tta, ns.save_predictions, ns.device, ns.batch_size,
+             ns.num_workers, ns.img_size, ns.include_noncam, ns.skip_bad, ns.amp)
     return 0
 
 # %% ../nbs/11_evaluate.ipynb #9e46c67e
@@ -271,26 +259,13 @@ def predict(checkpoint, input, output, masks: bool = False, overlays: bool = Fal
     return written
 
 # %% ../nbs/11_evaluate.ipynb #aa111e24
-def predict_parser():
-    "The argparse parser of `codseg predict`."
-    p = argparse.ArgumentParser(prog='codseg predict', description='Write probability maps (PNG, 0-255, each image\'s own size) '
-                                'for an image or a folder of images; optionally binary masks and overlays.')
-    p.add_argument('--checkpoint', required=True, help='a codseg checkpoint (best_model.pth or last.pth)')
-    p.add_argument('--input', required=True, help='an image file, or a folder of images (not searched recursively)')
-    p.add_argument('--output', required=True, help='folder for <stem>.png maps (not the input folder)')
-    p.add_argument('--masks', action='store_true', help='also write binary masks (0/255, threshold 0.5) to OUTPUT/masks')
-    p.add_argument('--overlays', action='store_true', help='also write the images with the mask tinted to OUTPUT/overlays')
-    p.add_argument('--tta', action='store_true', help='average horizontal flips at 3 scales (6 passes per image)')
-    add_args(p, ('img_size', 'batch_size', 'num_workers', 'device', 'amp'))
-    _default_from_checkpoint(p)
-    return p
+from .cli import predict_parser
 
 def predict_cli(argv=None) -> int:
-    "Run `codseg predict`; 0 on success, 1 on bad input."
+    "Run `codseg predict` with flags `argv`; errors reach `codseg.cli.main`, which prints one line and sets the exit status."
     ns = predict_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try: predict(ns.checkpoint, ns.input, ns.output, ns.masks, ns.overlays, ns.tta, ns.device, ns.batch_size,
-                 ns.num_workers, ns.img_size, ns.amp)
-    except (ValueError, RuntimeError, OSError) as e: print(f'codseg predict: {e}', file=sys.stderr); return 1
+    predict(ns.checkpoint, ns.input, ns.output, ns.masks, ns.overlays, ns.tta, ns.device, ns.batch_size,
+            ns.num_workers, ns.img_size, ns.amp)
     return 0
 
 # %% ../nbs/11_evaluate.ipynb #5f1db839

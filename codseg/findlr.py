@@ -4,17 +4,18 @@
 
 # %% ../nbs/12_findlr.ipynb #71ae7201
 from __future__ import annotations
-import argparse, math, sys
+import math, sys
 from dataclasses import replace
 from pathlib import Path
 import numpy as np
 import torch
-from .config import Config, resolve, add_args, from_args, DATA, MODEL, PLAN, TRAIN
+from .config import Config, resolve, from_args
+from .cli import find_lr_parser, one_line
 from .learner import Learner, Callback, CancelFitException, GradGuardCB, AMPCB, amp_dtype
 
 # %% auto #0
-__all__ = ['sweep_lr', 'LRFinderCB', 'smooth_curve', 'suggest_lr', 'plot_lr_find', 'find_lr', 'summary', 'lr_trial',
-           'find_lr_parser', 'find_lr_cli']
+__all__ = ['sweep_lr', 'LRFinderCB', 'valley', 'steep', 'suggest_lr', 'plot_lr_find', 'find_lr', 'summary', 'lr_trial',
+           'find_lr_cli']
 
 # %% ../nbs/12_findlr.ipynb #2148afcb
 def sweep_lr(i: int, start: float, end: float, steps: int) -> float:
@@ -26,8 +27,8 @@ class LRFinderCB(Callback):
     order = 0  # sets the LR before GradGuardCB (10) unscales and clips; sees a non-finite loss before it is skipped
     def __init__(self, start: float, end: float, steps: int,
                  backbone_mult: float,  # backbone group LR = LR x this
-                 diverge: float = 4.0,  # stop when the running loss exceeds this multiple of its lowest value
-                 beta: float = 0.9,  # decay of the running (debiased exponential) average used to detect divergence
+                 diverge: float = 4.0,  # stop when the smoothed loss exceeds this multiple of its lowest value
+                 beta: float = 0.98,  # decay of the smoothed loss (fastai's debiased exponential moving average)
                  patience: int = 5,  # stop after this many steps in a row with non-finite gradients
                  progress=None):  # tqdm's disable: None (auto), True (off), False (on)
         self.start, self.end, self.steps, self.mult, self.diverge, self.beta, self.patience, self.progress = \
@@ -35,7 +36,8 @@ class LRFinderCB(Callback):
 
     def before_fit(self, learn):
         from tqdm.auto import tqdm
-        self.lrs, self.losses, self.group, self.avg, self.best, self.stop, self.skipped = [], [], [], 0.0, math.inf, None, 0
+        self.lrs, self.losses, self.smooth, self.group = [], [], [], []
+        self.avg, self.best, self.stop, self.skipped = 0.0, math.inf, None, 0
         self.bar = tqdm(total=self.steps, desc='find-lr', leave=False, disable=self.progress, file=sys.stderr, dynamic_ncols=True)
 
     def before_train(self, learn):
@@ -63,8 +65,10 @@ class LRFinderCB(Callback):
         self.bar.update(); self.bar.set_postfix(lr=f'{self.lrs[-1]:.1e}', loss=f'{loss:.4f}', refresh=False)
         if math.isfinite(loss):
             self.avg = self.beta * self.avg + (1 - self.beta) * loss
-            run = self.avg / (1 - self.beta ** len(self.losses)); self.best = min(self.best, run)
-            if run > self.diverge * self.best: why = f'the loss rose above {self.diverge:g}x its lowest'
+            self.smooth.append(self.avg / (1 - self.beta ** len(self.smooth + [0])))
+            self.best = min(self.best, self.smooth[-1])
+            if self.smooth[-1] > self.diverge * self.best: why = f'the smoothed loss passed {self.diverge:g}x its lowest'
+        else: self.smooth.append(math.inf)
         if why: self.stop = f'{why} at LR {self.lrs[-1]:.2e}'
         if why or len(self.lrs) >= self.steps: raise CancelFitException()
 
@@ -72,26 +76,36 @@ class LRFinderCB(Callback):
     after_cancel_fit = after_fit
 
 # %% ../nbs/12_findlr.ipynb #a919c2b0
-def smooth_curve(y, window: int) -> np.ndarray:
-    "Centred moving average of `y` over `window` points (fewer at the ends)."
-    y, h = np.asarray(y, float), window // 2
-    c, i = np.concatenate([[0.0], np.cumsum(y)]), np.arange(len(y))
-    lo, hi = np.clip(i - h, 0, len(y)), np.clip(i + h + 1, 0, len(y))
-    return (c[hi] - c[lo]) / (hi - lo)
+def valley(losses) -> int:
+    "fastai's valley: index of the point 1/3 + 1/6 along the longest decreasing subsequence of `losses`."
+    n, lds, max_start, max_end = len(losses), [1] * len(losses), 0, 0
+    for i in range(1, n):
+        for j in range(i):
+            if losses[i] < losses[j] and lds[i] < lds[j] + 1: lds[i] = lds[j] + 1
+            if lds[max_end] < lds[i]: max_end, max_start = i, i - lds[i]
+    sections = (max_end - max_start) / 3
+    return max_start + int(sections) + int(sections / 2)
 
-def suggest_lr(lrs, losses, min_points: int = 8) -> dict:  # min_points: fewer finite steps than this suggest nothing
-    "The suggestion (LR at the smoothed loss's minimum / 10), the minimum, the steepest fall and a note."
-    lrs, losses = np.asarray(lrs, float), np.asarray(losses, float)
-    n = int(np.argmax(~np.isfinite(losses))) if not np.isfinite(losses).all() else len(losses)
-    if n < min_points: return dict(suggestion=None, min_lr=None, steep_lr=None, smooth=[],
-                                   note=f'the loss diverged after {n} steps: lower --start')
-    s = smooth_curve(losses[:n], max(3, (len(lrs) // 20) | 1))
-    i_min = int(np.argmin(s))
-    slope = np.gradient(s, np.log10(lrs[:n]))[:i_min + 1]  # loss change per decade of LR, up to the minimum
-    note = ('the loss was still falling at the end of the sweep: raise --end' if i_min >= n - 2 else
+def steep(lrs, losses) -> int:
+    "fastai's steep: index where the loss falls fastest per unit of log LR."
+    return int(np.argmin(np.diff(losses) / np.diff(np.log(lrs))))
+
+def suggest_lr(lrs, smooth, num_it: int | None = None,  # the planned steps (fastai trims num_it // 10 from the start)
+               min_points: int = 8) -> dict:  # fewer usable points than this suggest nothing
+    "fastai's valley (the suggestion) and steep LRs from the smoothed loss, both where the loss falls; and a note."
+    lrs, smooth = np.asarray(lrs, float), np.asarray(smooth, float)
+    n = int(np.argmax(~np.isfinite(smooth))) if not np.isfinite(smooth).all() else len(smooth)
+    a, b = (num_it or len(lrs)) // 10, min(n, len(smooth) - 5)  # fastai's [num_it // 10:-5], and finite
+    if b - a < min_points:
+        return dict(suggestion=None, steep_lr=None, min_lr=None, smooth=smooth.tolist(),
+                    note=f'the sweep gave only {max(b - a, 0)} usable steps: lower --start or raise --steps')
+    x, y = lrs[a:b], smooth[a:b]
+    i_min = int(np.argmin(y))
+    i_val, i_steep = min(valley(y), i_min), min(steep(x, y), i_min)
+    note = ('the loss was still falling at the end of the sweep: raise --end' if i_min >= len(y) - 2 else
             'the loss was lowest at the start of the sweep: lower --start' if i_min == 0 else '')
-    return dict(suggestion=float(lrs[i_min] / 10), min_lr=float(lrs[i_min]), steep_lr=float(lrs[int(np.argmin(slope))]),
-                smooth=s.tolist(), note=note)
+    return dict(suggestion=float(x[i_val]), steep_lr=float(x[i_steep]), min_lr=float(x[i_min]),
+                smooth=smooth.tolist(), note=note)
 
 # %% ../nbs/12_findlr.ipynb #cb957ba6
 def plot_lr_find(res: dict, ax=None):
@@ -100,10 +114,11 @@ def plot_lr_find(res: dict, ax=None):
     if ax is None: fig, ax = plt.subplots(figsize=(7, 3.8)); plt.close(fig)
     lrs, losses, s = res['lrs'], np.asarray(res['losses'], float), res['smooth']
     ax.plot(lrs, losses, color='C0', alpha=0.3, lw=1, label='loss per step')
-    if len(s): ax.plot(lrs[:len(s)], s, color='C0', lw=2, label='smoothed')
+    if len(s): ax.plot(lrs[:len(s)], s, color='C0', lw=2, label='smoothed (EMA, beta 0.98)')
     if res.get('steep_lr'): ax.axvline(res['steep_lr'], color='0.5', ls=':', label=f"steepest fall {res['steep_lr']:.1e}")
-    if res.get('suggestion'): ax.axvline(res['suggestion'], color='C3', ls='--', label=f"suggestion {res['suggestion']:.1e}")
+    if res.get('suggestion'): ax.axvline(res['suggestion'], color='C3', ls='--', label=f"suggestion (valley) {res['suggestion']:.1e}")
     fin = losses[np.isfinite(losses)]
+    s = np.asarray(s, float); s = s[np.isfinite(s)]
     if len(fin):  # from a little below the lowest loss to a little above the start (a final blow-up runs off the top)
         top = min(fin.max(), 1.25 * s[0] if len(s) else fin.max()); low = fin[fin <= top].min()
         ax.set_ylim(low - 0.05 * (top - low), top + 0.05 * (top - low) + 1e-12)
@@ -134,7 +149,11 @@ def _load_model(cfg: Config, say=print):
         if any(getattr(cfg, k) != v for k, v in arch.items()): say(f'find-lr: using the architecture of {src}: {arch}')
         cfg = replace(cfg, **arch)
     model = build_model(replace(cfg, pretrained=False, pretrained_path=None))
-    model.load_state_dict(model_state(ck)); say(f'find-lr: weights from {src}')
+    try: model.load_state_dict(model_state(ck))
+    except (RuntimeError, KeyError) as e:  # not PyTorch's list of every missing and unexpected key
+        raise RuntimeError(f'--resume-from {src}: its weights do not fit this codseg model ({one_line(str(e))}); '
+                           'pass a codseg last.pth or best_model.pth') from None
+    say(f'find-lr: weights from {src}')
     return model, cfg
 
 class _Restore:
@@ -170,7 +189,7 @@ def _device(cfg: Config) -> torch.device:
     return Dist(cfg.device).device
 
 # %% ../nbs/12_findlr.ipynb #ab7d4d10
-def find_lr(cfg: Config, stage: int = 2, start: float = 1e-7, end: float = 1.0, steps: int = 100,
+def find_lr(cfg: Config, stage: int = 2, start: float = 1e-7, end: float = 10.0, steps: int = 100,
             model=None,  # a model to sweep (restored afterwards); default: built from cfg (and cfg.resume_from)
             png=None,  # write the plot here
             say=print, progress=None) -> dict:  # progress: tqdm's disable (None: auto)
@@ -188,7 +207,7 @@ def find_lr(cfg: Config, stage: int = 2, start: float = 1e-7, end: float = 1.0, 
         learn = Learner(m, loss_fn, opt, train_dl, [], [finder, *cbs], device, cfg.accumulation_steps)
         learn.fit(range(2 * math.ceil(steps * cfg.accumulation_steps / len(train_dl)) + 1))  # room for retried steps
     res = dict(lrs=finder.lrs, losses=finder.losses, stage=stage, backbone_mult=cfg.backbone_lr_mult,
-               stopped=finder.stop, **suggest_lr(finder.lrs, finder.losses))
+               stopped=finder.stop, **suggest_lr(finder.lrs, finder.smooth, steps))
     say(summary(res))
     if png: plot_lr_find(res).savefig(png, dpi=100); say(f'find-lr: plot written to {png}')
     return res
@@ -199,7 +218,8 @@ def summary(res: dict) -> str:
     lines = [f"find-lr, Stage {res['stage']}: {len(res['lrs'])} steps, LR {res['lrs'][0]:.1e} to {res['lrs'][-1]:.1e}; "
              + (f"stopped: {res['stopped']}" if res['stopped'] else 'no divergence')]
     if res['suggestion'] is None: return '\n'.join(lines + [f"no suggestion: {res['note']}"])
-    lines.append(f"  smoothed loss lowest at LR {res['min_lr']:.2e}; steepest fall at LR {res['steep_lr']:.2e}")
+    lines.append(f"  valley {res['suggestion']:.2e}; steepest fall {res['steep_lr']:.2e}; "
+                 f"smoothed loss lowest at {res['min_lr']:.2e}")
     bb = f" (backbone {res['suggestion'] * res['backbone_mult']:.1e})" if res['stage'] == 2 else ''
     lines.append(f"Suggested: {flag} {res['suggestion']:.1e}{bb}" + (f"  [{res['note']}]" if res['note'] else ''))
     return '\n'.join(lines)
@@ -234,26 +254,11 @@ class _StopAfter(Callback):
         if learn.step_idx + 1 >= self.n: raise CancelFitException()
 
 # %% ../nbs/12_findlr.ipynb #65f98f5f
-def find_lr_parser():
-    "The argparse parser of `codseg find-lr`."
-    p = argparse.ArgumentParser(prog='codseg find-lr', description='LR range test: sweep the LR exponentially for a few '
-                                'hundred batches, suggest --lr (Stage 1) or --stage2-lr (Stage 2); the weights are not changed.')
-    p.add_argument('--stage', type=int, choices=(1, 2), default=2, help='the stage to test: 1 frozen backbone, 2 unfrozen (default: 2)')
-    p.add_argument('--start', type=float, default=1e-7, help='first LR of the sweep (default: 1e-7)')
-    p.add_argument('--end', type=float, default=1.0, help='last LR of the sweep (default: 1)')
-    p.add_argument('--steps', type=int, default=100, help='optimizer steps of the sweep (default: 100)')
-    p.add_argument('--png', help='write the plot here (default: find_lr_stage<N>.png in --checkpoint-dir)')
-    return add_args(p, DATA + MODEL + PLAN + TRAIN)
-
 def find_lr_cli(argv=None) -> int:
-    "Run `codseg find-lr`; 0 on success, 1 on bad input or when no suggestion could be made."
+    "Run `codseg find-lr` with flags `argv`: 0 with a suggestion, 1 without; errors reach `codseg.cli.main`."
     ns = find_lr_parser().parse_args(sys.argv[1:] if argv is None else argv)
     cfg = from_args(ns)
     png = Path(ns.png) if ns.png else Path(cfg.checkpoint_dir)/f'find_lr_stage{ns.stage}.png'
-    try:
-        if not cfg.dataset_path: raise ValueError('--dataset-path is required: a dataset folder, a /kaggle/input mount, or synthetic')
-        png.parent.mkdir(parents=True, exist_ok=True)
-        res = find_lr(cfg, ns.stage, ns.start, ns.end, ns.steps, png=png)
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
-        print(f'codseg find-lr: {e}', file=sys.stderr); return 1
+    png.parent.mkdir(parents=True, exist_ok=True)
+    res = find_lr(cfg, ns.stage, ns.start, ns.end, ns.steps, png=png)
     return 0 if res['suggestion'] is not None else 1

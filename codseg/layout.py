@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_layout.ipynb #4e5d7824
 from __future__ import annotations
-import argparse, os, random, sys
+import argparse, hashlib, json, os, random, re, shutil, sys, tarfile, zipfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -12,10 +12,12 @@ from pathlib import Path
 from .config import Config, add_args, from_args
 
 # %% auto #0
-__all__ = ['IMAGE_EXTS', 'IMAGE_DIRS', 'MASK_DIRS', 'MASK_SUFFIXES', 'SPLIT_DIRS', 'SINET_TRAIN', 'SINET_TEST', 'LAYOUT_HELP',
-           'MAX_DEPTH', 'FIX', 'DataError', 'is_image_file', 'layout_of', 'kaggle_input_dir', 'find_roots',
-           'find_dataset_root', 'Pair', 'is_noncam', 'Found', 'discover', 'split_train_val', 'dataset_root',
-           'train_val_pairs', 'train_size', 'check_pairs', 'data_check_cli']
+__all__ = ['IMAGE_EXTS', 'IMAGE_DIRS', 'MASK_DIRS', 'MASK_SUFFIXES', 'SPLIT_DIRS', 'SINET_TRAIN', 'SINET_TEST', 'ARCHIVE_EXTS',
+           'KNOWN_SETS', 'TEST_ONLY', 'LAYOUT_HELP', 'MAX_DEPTH', 'ARCHIVE_RE', 'FIX', 'DATA_CHECK_FIELDS', 'DataError',
+           'is_image_file', 'layout_of', 'kaggle_input_dir', 'is_archive', 'find_roots', 'find_archives',
+           'find_dataset_root', 'Pair', 'is_noncam', 'DataSet', 'Found', 'assign_roles', 'default_extract_dir',
+           'archive_summary', 'extract', 'discover', 'split_train_val', 'dataset_root', 'discover_cfg',
+           'train_val_pairs', 'train_size', 'check_pairs', 'check_json', 'data_check_cli']
 
 # %% ../nbs/01_layout.ipynb #efb28120
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')  # image and mask file extensions
@@ -25,8 +27,13 @@ MASK_DIRS = ('gt_object', 'gt', 'gts', 'masks', 'mask', 'gt_objects', 'groundtru
 MASK_SUFFIXES = ('_mask', '-mask', '_gt', '-gt', '_label')  # tolerated endings of a mask's stem
 SPLIT_DIRS = ('train', 'test')  # split folders of the COD10K-v3 layout (lower-cased)
 SINET_TRAIN, SINET_TEST = ('traindataset', 'trainvaldataset'), ('testdataset',)  # SINet pack folders
+ARCHIVE_EXTS = ('.zip', '.tar', '.tar.gz', '.tgz', '.tar.bz2', '.tbz2', '.tar.xz', '.txz')  # archives looked into
+KNOWN_SETS = {'COD10K': r'cod10k[a-z0-9]*', 'CAMO': r'camo', 'NC4K': r'nc4k[a-z0-9]*',
+              'CHAMELEON': r'chameleons?'}  # name -> the token in a folder name that says it
+TEST_ONLY = ('NC4K', 'CHAMELEON')  # sets the field only ever tests on
 LAYOUT_HELP = ("COD10K-v3 (Train/Image + Train/GT_Object, Test/...), a SINet pack (TrainDataset/{Imgs,GT}, "
-               "TestDataset/<NAME>/{Imgs,GT}), CAMO (Images/Train|Test + GT) or an images folder beside a masks "
+               "TestDataset/<NAME>/{Imgs,GT}), CAMO (Images/Train|Test + GT), images/{train,test} + gts/{train,test}, "
+               "Train_Image + Train_GT (+ Test_...), an archive of one of these, or an images folder beside a masks "
                f"folder (image folders: {', '.join(IMAGE_DIRS)}; mask folders: {', '.join(MASK_DIRS)})")
 
 class DataError(ValueError):
@@ -57,17 +64,28 @@ def _image_mask_dirs(d: Path) -> tuple[Path | None, Path | None]:
     "The image and mask folders directly inside `d`."
     return _subdir(d, IMAGE_DIRS), _subdir(d, MASK_DIRS)
 
+_SPLIT_NAMED = re.compile(r'^(train|test)[_\- ]?(?:(image|images|imgs|img)|(gt|gts|mask|masks))$')
+
+def _split_named(d: Path) -> dict[str, dict[str, Path]]:
+    "`{split: {'image': folder, 'mask': folder}}` of `d`'s Train_Image/Train_GT style children."
+    out = {}
+    for c in _dirs(d):
+        if m := _SPLIT_NAMED.match(c.name.lower()): out.setdefault(m[1], {})['image' if m[2] else 'mask'] = c
+    return {s: v for s, v in out.items() if len(v) == 2}
+
 def layout_of(d: Path) -> str | None:
-    "The layout folder `d` holds: 'SINet', 'COD10K-v3', 'CAMO', 'folders', or None."
+    "The layout folder `d` holds: 'SINet', 'COD10K-v3', 'CAMO', 'split-folders', 'Train_Image', 'folders', or None."
     kids = {p.name.lower(): p for p in _dirs(d)}
     if any(k in kids for k in SINET_TRAIN + SINET_TEST): return 'SINet'
     if any(k in kids and _image_mask_dirs(kids[k])[0] for k in SPLIT_DIRS): return 'COD10K-v3'
-    if 'images' in kids and _subdir(kids['images'], SPLIT_DIRS) and _subdir(d, MASK_DIRS): return 'CAMO'
-    if all(_image_mask_dirs(d)): return 'folders'
+    im, gt = _image_mask_dirs(d)
+    if im and gt and _subdir(im, SPLIT_DIRS): return 'split-folders' if _subdir(gt, SPLIT_DIRS) else 'CAMO'
+    if _split_named(d): return 'Train_Image'
+    if im and gt: return 'folders'
     return None
 
 # %% ../nbs/01_layout.ipynb #0e68d43f
-MAX_DEPTH = 8  # how deep below a folder the search for dataset roots goes
+MAX_DEPTH = 10  # how deep below a folder the search for dataset roots goes
 
 def kaggle_input_dir(kaggle_input=None) -> Path:
     "The folder Kaggle mounts datasets in: `kaggle_input`, else $CODSEG_KAGGLE_INPUT, else /kaggle/input."
@@ -80,9 +98,18 @@ def _walk(base: Path, stop=lambda d: False, max_depth=MAX_DEPTH):
         d, depth = todo.popleft(); yield d
         if depth < max_depth and not stop(d): todo.extend((c, depth + 1) for c in _dirs(d))
 
+def is_archive(name: str) -> bool:
+    "Whether file `name` is an archive codseg looks into (.zip, .tar, .tar.gz, ...)."
+    return name.lower().endswith(ARCHIVE_EXTS)
+
 def find_roots(base: Path) -> list[Path]:
     "Every dataset root at or below `base`, not looking inside a root."
     return [d for d in _walk(Path(base), stop=layout_of) if layout_of(d)]
+
+def find_archives(base: Path) -> list[Path]:
+    "Every archive file at or below `base` (not inside dataset roots)."
+    return [Path(e.path) for d in _walk(Path(base), stop=layout_of) for e in _entries(d)
+            if e.is_file() and is_archive(e.name)]
 
 def _common(paths: list[Path]) -> Path:
     "The deepest folder holding all of `paths`."
@@ -110,6 +137,7 @@ def find_dataset_root(path=None, kaggle_input=None) -> Path:
     kin = kaggle_input_dir(kaggle_input)
     if path:
         p = Path(os.path.abspath(Path(path).expanduser()))
+        if p.is_file() and is_archive(p.name): return p.parent
         if p.is_file(): raise DataError(f"--dataset-path '{p}' is a file; it must be a folder holding {LAYOUT_HELP}.")
         if not p.is_dir():
             hits = [d for d in (_walk(kin) if kin.is_dir() else []) if d.name.lower() == p.name.lower()]
@@ -119,9 +147,17 @@ def find_dataset_root(path=None, kaggle_input=None) -> Path:
     else: raise DataError(f'no --dataset-path given and {kin} does not exist. Fix: pass --dataset-path DIR '
                           f"(a folder holding {LAYOUT_HELP}), or 'synthetic' for the built-in synthetic dataset.")
     if layout_of(p): return p
-    if roots := find_roots(p): return roots[0] if len(roots) == 1 else _common(roots)
+    roots = find_roots(p) + [a.parent for a in find_archives(p)]
+    if roots: return roots[0] if len(roots) == 1 else _common(roots)
     raise DataError(f'no dataset found in {p} (searched {MAX_DEPTH} levels down). Looked for {LAYOUT_HELP}. '
-                    f'Found: {_listing(p)}. Fix: point --dataset-path at the folder holding these.')
+                    f'Found: {_listing(p)}{_image_folders(p)}. Fix: point --dataset-path at the folder holding these.')
+
+def _image_folders(base: Path, n=5) -> str:
+    "'; folders holding images: ...' for the first `n` folders below `base` that hold image files (or '')."
+    hits = [d for d in _walk(base) if any(e.is_file() and is_image_file(e.name) for e in _entries(d))]
+    if not hits: return '; no image files anywhere below it'
+    more = ' ...' if len(hits) > n else ''
+    return '; folders holding images: ' + ', '.join(f'{d.relative_to(base)}/' for d in hits[:n]) + more
 
 # %% ../nbs/01_layout.ipynb #6ce2f2df
 @dataclass
@@ -188,77 +224,270 @@ class _Pairer:
 
 # %% ../nbs/01_layout.ipynb #644745e5
 @dataclass
+class DataSet:
+    "One image/mask set found on disk, with its role in the run."
+    name: str  # unique name: COD10K, CAMO, NC4K, CHAMELEON (test sets), COD10K-train, CAMO-train, a folder name ...
+    pairs: list[Pair]  # its pairs after the COD protocol
+    where: Path  # the folder holding its image folder
+    split: str | None  # 'train' or 'test' when a folder name says so
+    recognised: bool  # one of the field's test sets (NC4K, CHAMELEON, a Test split): never trained on by default
+    role: str = 'train'  # 'train', 'val', 'test' or 'unused'
+    reason: str = ''  # why it has that role
+    noncam: int = 0  # NonCAM images left out (or kept with include_noncam)
+    missing: list[Path] = field(default_factory=list)  # images without a mask
+
+@dataclass
 class Found:
-    "What a dataset root holds, after the COD protocol."
+    "What a dataset root holds, after the COD protocol, with each set's role."
     root: Path  # the dataset root
-    layout: str  # 'COD10K-v3', 'SINet', 'CAMO', 'folders' or 'multi' (several roots merged)
-    train: list[Pair]  # training pairs (NonCAM left out unless include_noncam)
+    layout: str  # 'COD10K-v3', 'SINet', 'CAMO', 'split-folders', 'Train_Image', 'folders' or 'multi' (several merged)
+    train: list[Pair]  # training pairs: every set with role 'train' (NonCAM left out unless include_noncam)
     tests: dict[str, list[Pair]]  # test sets by name (COD10K, CAMO, NC4K, CHAMELEON, ...)
-    noncam: dict[str, int]  # NonCAM images per split ('train' or a test name): left out, or kept with include_noncam
+    noncam: dict[str, int]  # NonCAM images per split ('train' or a set name): left out, or kept with include_noncam
     problems: list[str]  # naming and pairing problems (stray files, clashes, unused masks, missing masks)
     missing: dict[str, list[Path]] = field(default_factory=dict)  # images without a mask per split: blocking unless --skip-bad
+    sets: dict[str, DataSet] = field(default_factory=dict)  # every set found, by name, with its role and reason
+    archives: list[str] = field(default_factory=list)  # what each archive found holds and where it was extracted
 
     def counts(self) -> dict[str, int]:
         "Pairs per split."
         return {'train': len(self.train), **{k: len(v) for k, v in self.tests.items()}}
 
+    def roles(self) -> dict[str, dict]:
+        "`{set: {'role': ..., 'reason': ...}}`."
+        return {k: {'role': s.role, 'reason': s.reason} for k, s in self.sets.items()}
+
+    def test_trained(self) -> list[str]:
+        "The recognised test sets this run trains or validates on (only with --allow-test-training)."
+        return [k for k, s in self.sets.items() if s.recognised and s.role in ('train', 'val')]
+
 # %% ../nbs/01_layout.ipynb #a712dc67
-def _splits(root: Path, layout: str, pr: _Pairer) -> dict[str, list[Pair]]:
-    "Raw pairs per split ('train' and test-set names) of a single-layout root."
-    kids = {p.name.lower(): p for p in _dirs(root)}
-    if layout == 'SINet':
-        tr = next((kids[k] for k in SINET_TRAIN if k in kids), None)
-        te = next((kids[k] for k in SINET_TEST if k in kids), None)
-        out = {'train': pr.pair(*_image_mask_dirs(tr)) if tr and _image_mask_dirs(tr)[0] else []}
-        for d in (_dirs(te) if te else []):
-            if _image_mask_dirs(d)[0]: out[d.name] = pr.pair(*_image_mask_dirs(d))
-        return out
-    if layout == 'COD10K-v3':
-        out = {s: pr.pair(*_image_mask_dirs(kids[s])) if s in kids and _image_mask_dirs(kids[s])[0] else []
-               for s in SPLIT_DIRS}
-        test = out.pop('test')
-        name = 'COD10K' if any(p.name.upper().startswith('COD10K') for p in out['train'] + test) else root.name
-        return {'train': out['train'], **({name: test} if test else {})}
-    if layout == 'CAMO':
-        ims, gt = _subdir(root, ('images',)), _subdir(root, MASK_DIRS)
-        tr, te = _subdir(ims, ('train',)), _subdir(ims, ('test',))
-        return {'train': pr.pair(tr, gt) if tr else [], **({'CAMO': pr.pair(te, gt)} if te else {})}
-    return {'train': pr.pair(*_image_mask_dirs(root))}
+def _units(d: Path) -> list[tuple[Path, Path, str | None]]:
+    "The (image folder, mask folder, split) units directly inside folder `d`."
+    im, gt = _image_mask_dirs(d)
+    if im and gt and (splits := {p.name.lower(): p for p in _dirs(im) if p.name.lower() in SPLIT_DIRS}):
+        return [(ims, _subdir(gt, (s,)) or gt, s) for s, ims in splits.items()]
+    if im and gt: return [(im, gt, None)]
+    return [(v['image'], v['mask'], s) for s, v in _split_named(d).items()]
+
+_TOKENS = {'train': r'train(?:ing)?(?:val)?(?:set|dataset|data)?',
+           'test': r'test(?:ing)?(?:set|dataset|data)?'}  # the words that name a split
+_STRUCTURAL = re.compile(r'^(train|test|training|testing|traindataset|testdataset|trainvaldataset|datasets?|versions|'
+                         r'\d+|' + '|'.join(IMAGE_DIRS + MASK_DIRS) + r')$')
+
+def _token(name: str, pattern: str) -> bool:
+    "Whether `pattern` is a whole word (letters-bounded) of folder name `name`."
+    return re.search(rf'(?<![a-z])({pattern})(?![a-z])', name.lower()) is not None
+
+def _split_of(parts: list[str], split: str | None) -> str | None:
+    "The split the folder names `parts` (deepest first) say, unless `split` is already known."
+    if split: return split
+    for p in parts:
+        hits = [s for s, pat in _TOKENS.items() if _token(p, pat)]
+        if len(hits) == 1: return hits[0]
+    return None
+
+def _known_name(parts: list[str], pairs: list[Pair]) -> str | None:
+    "The field's name (COD10K, CAMO, NC4K, CHAMELEON) the folder names `parts` (deepest first) or all file names say."
+    for p in parts:
+        if k := next((k for k, pat in KNOWN_SETS.items() if _token(p, pat)), None): return k
+    if pairs and all(p.name.upper().startswith('COD10K') for p in pairs): return 'COD10K'
+    if pairs and all(p.name.lower().startswith('camourflage_') for p in pairs): return 'CAMO'
+    return None
+
+def _describe(parts: list[str], split: str | None, pairs: list[Pair]) -> tuple[str, bool, str]:
+    "(name, recognised test set, reason) of a set in the folders `parts` (deepest first)."
+    known = _known_name(parts, pairs)
+    base = known or next((p for p in parts if not _STRUCTURAL.match(p.lower())), parts[-1])
+    if known in TEST_ONLY:
+        return known, True, f'{known} is one of the field\'s test sets (test only): evaluated, never trained on'
+    if split == 'test':
+        field = ' (a test set of the field)' if known else ''
+        return base, True, f"{base}'s Test split{field}: evaluated, never trained on"
+    if split == 'train':
+        sinet = any(p.lower() in SINET_TRAIN for p in parts)
+        name = parts[0] if sinet and not known else f'{base}-train'
+        what = 'a SINet training pack (TrainDataset)' if sinet else f"{base}'s Train split"
+        return name, False, f'{what}: trained on'
+    if known:  # COD10K or CAMO images with no Train/Test folder: the test set distributed on its own
+        return known, True, f'{known} images with no Train/Test split, taken as its test set: evaluated, never trained on'
+    return base, False, 'an image/mask folder pair that is no known test set: trained on'
 
 # %% ../nbs/01_layout.ipynb #e13203fa
-def _protocol(split: str, pairs: list[Pair], include_noncam: bool, found: Found, pr: _Pairer) -> list[Pair]:
-    "Apply the COD protocol to one split: count NonCAM images, drop them unless kept, set aside missing masks."
-    nc = [p for p in pairs if is_noncam(p.name)]
-    if nc: found.noncam[split] = found.noncam.get(split, 0) + len(nc)
-    keep = [p for p in pairs if include_noncam or not is_noncam(p.name)]
+def _protocol(ds: DataSet, include_noncam: bool, pr: _Pairer) -> DataSet:
+    "Apply the COD protocol to set `ds`: count NonCAM images, drop them unless kept, set aside missing masks."
+    ds.noncam = sum(is_noncam(p.name) for p in ds.pairs)
+    keep = [p for p in ds.pairs if include_noncam or not is_noncam(p.name)]
     if miss := [p.image for p in keep if p.mask is None and not is_noncam(p.name)]:
-        found.missing.setdefault(split, []).extend(miss)
+        ds.missing = miss
         pr.problems.append(f"{len(miss)} image(s) in {pr.rel(miss[0].parent)} have no mask, e.g. {miss[0].name}")
-    return sorted((p for p in keep if p.mask is not None or is_noncam(p.name)), key=lambda p: p.name)
+    ds.pairs = sorted((p for p in keep if p.mask is not None or is_noncam(p.name)), key=lambda p: p.name)
+    return ds
 
-def _merge(found: Found, split: str, pairs: list[Pair], where: Path):
-    "Add `pairs` of `split` to `found`, renaming a test set whose name is taken."
-    if split == 'train':
-        names = {p.name for p in found.train}
-        if dup := [p for p in pairs if p.name in names]:
-            found.problems.append(f'{len(dup)} training image(s) in {where} repeat names already found, e.g. {dup[0].name}; left out')
-        found.train.extend(p for p in pairs if p.name not in names)
-    else:
-        name = split if split not in found.tests else f'{split}@{where.name}'
-        found.tests[name] = pairs
+def _label(where: Path) -> str:
+    "The nearest folder name at or above `where` that is not a split, image or mask folder name."
+    return next((p.name for p in (where, *where.parents) if not _STRUCTURAL.match(p.name.lower())), where.name)
+
+def _add(sets: dict, ds: DataSet, problems: list):
+    "Add `ds` to `sets`: a copy of a set already there is left out, another set of the same name renamed."
+    if (old := sets.get(ds.name)) is not None:
+        if [p.name for p in old.pairs] == [p.name for p in ds.pairs]:
+            problems.append(f'{ds.where} holds the same {len(ds.pairs)} images as {ds.name} in {old.where}; '
+                            'left out (a copy)')
+            return
+        ds.name = f'{ds.name}@{_label(ds.where)}'
+    sets[ds.name] = ds
+
+# %% ../nbs/01_layout.ipynb #r01e5a13
+def _names(value) -> list[str]:
+    "Set names from a comma-separated string or a list."
+    if not value: return []
+    return [s.strip() for s in (value.split(',') if isinstance(value, str) else value) if s.strip()]
+
+def _pick(sets: dict, names: list[str], flag: str) -> list[str]:
+    "The keys of `sets` named (case-insensitively) by `names`; a DataError names an unknown one and the sets there."
+    low = {k.lower(): k for k in sets}
+    if bad := [n for n in names if n.lower() not in low]:
+        raise DataError(f"{flag}: no set named {', '.join(bad)}; the sets found are {', '.join(sets) or 'none'}. "
+                        f'Fix: use those names (codseg data-check lists them with their roles).')
+    return [low[n.lower()] for n in names]
+
+def assign_roles(sets: dict, train_sets=None, test_sets=None, val_set=None, allow_test_training=False):
+    "Give every set in `sets` its role and reason: recognised test sets are tested; the rest trained on; flags override."
+    why = {k: s.reason.split(':')[0] for k, s in sets.items()}
+    tr, te = _pick(sets, _names(train_sets), '--train-sets'), _pick(sets, _names(test_sets), '--test-sets')
+    va = _pick(sets, [val_set], '--val-path') if val_set else []
+    if both := set(tr) & set(te) or set(va) & set(tr + te):
+        raise DataError(f"set(s) {', '.join(sorted(both))} named for two roles (--train-sets, --test-sets, --val-path). "
+                        'Fix: name each set once.')
+    for k, s in sets.items():
+        if k in va: s.role, s.reason = 'val', f'--val-path {k}'
+        elif k in tr: s.role, s.reason = 'train', f'--train-sets {k}'
+        elif k in te: s.role, s.reason = 'test', f'--test-sets {k}'
+        elif te and s.recognised or tr and not s.recognised: s.role, s.reason = 'unused', \
+            f"not in --{'test' if s.recognised else 'train'}-sets ({why[k]})"
+        else: s.role = 'test' if s.recognised else 'train'
+    if (bad := [k for k in tr + va if sets[k].recognised]) and not allow_test_training:
+        raise DataError(f"{', '.join(bad)} {'is a test set' if len(bad) == 1 else 'are test sets'} of the field "
+                        f"({why[bad[0]]}): training or validating on it makes every reported number "
+                        'invalid. Fix: leave it out of --train-sets/--val-path, or pass --allow-test-training to do it '
+                        'anyway (the run is then flagged as trained on test data).')
+    for k in tr + va:
+        if sets[k].recognised: sets[k].reason += ' with --allow-test-training: A RECOGNISED TEST SET, flagged'
+
+# %% ../nbs/01_layout.ipynb #a4c41e13
+def default_extract_dir() -> Path:
+    "Where archives are extracted: /kaggle/temp/codseg-extract on Kaggle, else $CODSEG_CACHE/extract (~/.cache/codseg)."
+    if Path('/kaggle/temp').is_dir() or Path('/kaggle/input').is_dir(): return Path('/kaggle/temp/codseg-extract')
+    return Path(os.environ.get('CODSEG_CACHE') or Path.home()/'.cache'/'codseg')/'extract'
+
+def _members(archive: Path) -> list[str]:
+    "The file names inside `archive` (a DataError names an unreadable one)."
+    try:
+        if archive.name.lower().endswith('.zip'):
+            with zipfile.ZipFile(archive) as z: return [i.filename for i in z.infolist() if not i.is_dir()]
+        with tarfile.open(archive) as t: return [m.name for m in t.getmembers() if m.isfile()]
+    except (OSError, zipfile.BadZipFile, tarfile.TarError) as e:
+        raise DataError(f'cannot read archive {archive} ({e}). Fix: replace it, or remove it from the inputs.') from None
+
+def archive_summary(archive: Path) -> tuple[int, str]:
+    "(image files, a description of the folders holding them) of `archive`."
+    by = {}
+    for m in _members(archive):
+        if is_image_file(m): by[str(Path(m).parent)] = by.get(str(Path(m).parent), 0) + 1
+    return sum(by.values()), ', '.join(f'{d} ({n})' for d, n in list(by.items())[:8]) + (' ...' if len(by) > 8 else '')
+
+def _target(archive: Path, extract_dir: Path) -> Path:
+    "The folder under `extract_dir` that `archive` (as it is now: path, size, mtime) extracts into."
+    st = archive.stat()
+    key = hashlib.sha1(f'{archive.resolve()}|{st.st_size}|{st.st_mtime_ns}'.encode()).hexdigest()[:10]
+    return Path(extract_dir)/f"{ARCHIVE_RE.sub('', archive.name)}-{key}"
+
+def extract(archive: Path, extract_dir: Path, note: str = '') -> tuple[Path, bool]:
+    "Extract `archive` once into its own folder under `extract_dir`; (that folder, whether it was extracted now)."
+    out = _target(archive, extract_dir)
+    if (out/'.codseg-extracted').is_file(): return out, False
+    tmp = out.with_name(out.name + f'.{os.getpid()}.tmp')
+    shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
+    try:
+        if archive.name.lower().endswith('.zip'):
+            with zipfile.ZipFile(archive) as z: z.extractall(tmp)
+        else:
+            with tarfile.open(archive) as t: t.extractall(tmp, filter='data')
+        (tmp/'.codseg-extracted').write_text(note or str(archive))
+        shutil.rmtree(out, ignore_errors=True); os.replace(tmp, out)
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+    return out, True
+
+ARCHIVE_RE = re.compile(r'\.(zip|tar|tar\.gz|tgz|tar\.bz2|tbz2|tar\.xz|txz)$', re.I)
+
+def _archives(root: Path, extract_dir, notes: list[str]) -> list[tuple[Path, list[str]]]:
+    "(extracted folder, folder names above it) for each archive under `root` holding images; notes say what and where."
+    out, arcs = [], find_archives(root)
+    if not arcs: return out
+    xd = Path(extract_dir or default_extract_dir()).expanduser().resolve()
+    if xd == root.resolve() or root.resolve() in xd.parents:
+        raise DataError(f'--extract-dir {xd} is inside the input folder {root}, and codseg never writes into its inputs. '
+                        'Fix: pass a folder outside it (on Kaggle, e.g. /kaggle/temp/codseg-extract).')
+    for a in arcs:
+        stem, marker = ARCHIVE_RE.sub('', a.name), _target(a, xd)/'.codseg-extracted'
+        if marker.is_file(): held = marker.read_text()  # listed when it was extracted (a .tar.gz lists slowly)
+        else:
+            n, what = archive_summary(a)
+            if not n: notes.append(f'archive {a}: no images inside; not extracted'); continue
+            held = f'{n} images: {what}'
+        if (a.parent/stem).is_dir():
+            notes.append(f'archive {a} holds {held}; not extracted, {a.parent/stem} beside it is the same data unpacked')
+            continue
+        folder, now = extract(a, xd, held)
+        notes.append(f"archive {a} holds {held}; {'extracted into' if now else 'already extracted in'} {folder}")
+        rel = a.parent.relative_to(root).parts if a.parent != root else ()
+        out.append((folder, [stem, *reversed(rel), root.name]))
+    return out
 
 # %% ../nbs/01_layout.ipynb #4e28808c
-def discover(path=None, include_noncam=False, kaggle_input=None) -> Found:
-    "Find the dataset at `path` (see `find_dataset_root`) and pair its images and masks per split."
+def _sets_under(base: Path, above: list[str], pr: _Pairer, include_noncam: bool, sets: dict, problems: list):
+    "Find every image/mask set at or below `base` (folder names `above` it, deepest first) and add it to `sets`."
+    used = set()
+    for d in _walk(base, stop=lambda d: d in used):
+        if d in used: continue
+        parts = [*reversed(d.relative_to(base).parts), *above] if d != base else above
+        for im, gt, split in _units(d):
+            used.update((im, gt))
+            pairs = pr.pair(im, gt)
+            name, rec, why = _describe(parts, _split_of(parts, split), pairs)
+            _add(sets, _protocol(DataSet(name, pairs, d, split, rec, reason=why), include_noncam, pr), problems)
+
+def _collect(found: Found):
+    "Fill `found`'s training pairs, test sets, NonCAM counts and missing masks from its sets' roles."
+    for k, s in found.sets.items():
+        key = 'train' if s.role == 'train' else k
+        if s.noncam: found.noncam[key] = found.noncam.get(key, 0) + s.noncam
+        if s.missing: found.missing.setdefault(key, []).extend(s.missing)
+        if s.role == 'test': found.tests[k] = s.pairs
+        if s.role != 'train': continue
+        names = {p.name for p in found.train}
+        if dup := [p for p in s.pairs if p.name in names]:
+            found.problems.append(f'{len(dup)} training image(s) of {k} repeat names already found, '
+                                  f'e.g. {dup[0].name}; left out')
+        found.train.extend(p for p in s.pairs if p.name not in names)
+    found.train.sort(key=lambda p: p.name)
+
+def discover(path=None, include_noncam=False, kaggle_input=None, train_sets=None, test_sets=None, val_set=None,
+             allow_test_training=False, extract_dir=None) -> Found:
+    "Find the dataset at `path` (see `find_dataset_root`), pair its images and masks per set, and give each set its role."
     root = find_dataset_root(path, kaggle_input)
     roots = [root] if layout_of(root) else find_roots(root)
-    found = Found(root, layout_of(root) or 'multi', [], {}, {}, [])
-    for r in roots:
-        pr = _Pairer(root)
-        for split, pairs in _splits(r, layout_of(r), pr).items():
-            _merge(found, split, _protocol(split, pairs, include_noncam, found, pr), r)
-        found.problems.extend(pr.finish())
-    found.train.sort(key=lambda p: p.name)
+    found, pr, sets = Found(root, layout_of(root) or ('multi' if len(roots) > 1 else layout_of(roots[0]) if roots
+                                                      else 'archive'), [], {}, {}, []), _Pairer(root), {}
+    _sets_under(root, [root.name], pr, include_noncam, sets, found.problems)
+    for folder, above in _archives(root, extract_dir, found.archives):
+        _sets_under(folder, above, apr := _Pairer(folder), include_noncam, sets, found.problems)
+        found.problems.extend(apr.finish())
+    found.problems.extend(pr.finish())
+    found.sets = sets
+    assign_roles(sets, train_sets, test_sets, val_set, allow_test_training)
+    _collect(found)
     return found
 
 # %% ../nbs/01_layout.ipynb #7d701733
@@ -287,23 +516,41 @@ def _no_missing(found: Found, splits, skip_bad: bool, flag='--dataset-path'):
                         f"{{{','.join(IMAGE_EXTS)}}} in the mask folder beside it). Fix: add the masks, remove those "
                         f"images, or pass --skip-bad to leave them out.")
 
+def _is_set_name(cfg: Config) -> bool:
+    "Whether `cfg.val_path` names a set of the dataset rather than a folder."
+    v = cfg.val_path
+    return bool(v) and v != 'synthetic' and '/' not in v and os.sep not in v and not Path(v).expanduser().exists()
+
+def discover_cfg(cfg: Config, path=None) -> Found:
+    "`discover` with the data settings of `cfg` (the dataset path, or `path`), roles included."
+    return discover(dataset_root(path or cfg.dataset_path, cfg), cfg.include_noncam, train_sets=cfg.train_sets,
+                    test_sets=cfg.test_sets, val_set=cfg.val_path if _is_set_name(cfg) and not path else None,
+                    allow_test_training=cfg.allow_test_training, extract_dir=cfg.extract_dir)
+
 def _val_pairs(cfg: Config, found: Found) -> list[Pair]:
-    "The validation pairs named by `cfg.val_path`."
-    names = {k.lower(): k for k in found.tests}
-    if not Path(cfg.val_path).expanduser().exists() and cfg.val_path.lower() in names:
-        k = names[cfg.val_path.lower()]; _no_missing(found, [k], cfg.skip_bad); return found.tests[k]
-    vf = discover(dataset_root(cfg.val_path, cfg), cfg.include_noncam)
-    splits = list(vf.tests) or ['train']
-    _no_missing(vf, splits, cfg.skip_bad)
-    return sorted((p for s in splits for p in (vf.tests.get(s) or vf.train)), key=lambda p: p.name)
+    "The validation pairs named by `cfg.val_path` (a set of `found`, or a folder whose test sets, else training, serve)."
+    if vs := [s for s in found.sets.values() if s.role == 'val']:
+        _no_missing(found, [vs[0].name], cfg.skip_bad); return vs[0].pairs
+    vf = discover(dataset_root(cfg.val_path, cfg), cfg.include_noncam, extract_dir=cfg.extract_dir)
+    sets = [s for s in vf.sets.values() if s.role == 'test'] or [s for s in vf.sets.values() if s.role == 'train']
+    if (rec := [s.name for s in sets if s.recognised]) and not cfg.allow_test_training:
+        raise DataError(f"--val-path {cfg.val_path} holds {', '.join(rec)}, a test set of the field: validating on it "
+                        'selects the model on test data. Fix: validate on a held-out fraction of training (no --val-path), '
+                        'or pass --allow-test-training to do it anyway (the run is then flagged).')
+    _no_missing(vf, [s.name for s in sets] + ['train'], cfg.skip_bad)
+    for s in sets:
+        found.sets[f'val:{s.name}'] = replace(s, role='val', reason=f'--val-path {cfg.val_path}' + (
+            ' with --allow-test-training: A RECOGNISED TEST SET, flagged' if s.recognised else ''))
+    return sorted((p for s in sets for p in s.pairs), key=lambda p: p.name)
 
 def train_val_pairs(cfg: Config) -> tuple[list[Pair], list[Pair], Found]:
     "Training and validation pairs for `cfg` under the COD protocol, and what was found."
-    found = discover(dataset_root(cfg.dataset_path, cfg), cfg.include_noncam)
+    found = discover_cfg(cfg)
     _no_missing(found, ['train'], cfg.skip_bad)
     if not found.train:
-        raise DataError(f'no training images in {found.root} (layout {found.layout}; found {found.counts()}). Fix: '
-                        f'point --dataset-path at a dataset with a training split; test sets can serve as --val-path.')
+        raise DataError(f'no training images in {found.root} (layout {found.layout}; sets {found.roles()}'
+                        + ''.join(f'; {a}' for a in found.archives) + '). Fix: point --dataset-path at a dataset with '
+                        'a training split, or name one with --train-sets.')
     if cfg.val_path: train, val = found.train, _val_pairs(cfg, found)
     else: train, val = split_train_val(found.train, cfg.val_fraction, cfg.seed)
     if both := {p.name for p in train} & {p.name for p in val}:
@@ -357,18 +604,24 @@ def _pairs_or_stop(cfg: Config, stop: list[str]) -> tuple[list[Pair], list[Pair]
         try: return train_val_pairs(replace(cfg, skip_bad=True))
         except DataError as e:
             if str(e) not in stop: stop.append(str(e))
-    return [], [], discover(dataset_root(cfg.dataset_path, cfg), cfg.include_noncam)
+    return [], [], discover_cfg(cfg)
 
-def _report(cfg: Config, decode: bool, say) -> int:
-    "Say what `cfg`'s dataset holds; 0 if training would start, 1 if it would stop."
-    stop = []
+def _report(cfg: Config, decode: bool, say, as_json=False) -> int:
+    "Say what `cfg`'s dataset holds (as text, or one JSON object); 0 if training would start, 1 if it would stop."
+    stop, out = [], say
+    if as_json: say = lambda *a: None
     tr, va, found = _pairs_or_stop(cfg, stop)
     say(f'dataset: {found.root}\nlayout:  {found.layout}')
+    for a in found.archives: say(a)
     nc = 'kept (--include-noncam)' if cfg.include_noncam else 'left out by the COD protocol (--include-noncam keeps them)'
     for split, n in found.counts().items():
         extra = [f'NonCAM {found.noncam[split]} {nc}'] if split in found.noncam else []
         extra += [f'{len(found.missing[split])} without a mask'] if split in found.missing else []
         say(f"  {'train' if split == 'train' else 'test ' + split:<20} {n:>6} pairs" + (f"   {'; '.join(extra)}" if extra else ''))
+    say('roles:')
+    for k, s in found.sets.items(): say(f'  {k:<24} {s.role:<6} {len(s.pairs):>6}  {s.reason}')
+    if flagged := found.test_trained():
+        say(f"WARNING: trains or validates on recognised test set(s) {', '.join(flagged)}")
     sets = {'training': tr, 'validation': va, **found.tests}
     checked = {k: check_pairs(ps, skip_bad=True, decode=decode) for k, ps in sets.items()}
     say(f"checked {'every pixel' if decode else 'the headers'} of " + ', '.join(f'{k} {len(v)}' for k, v in sets.items())
@@ -383,17 +636,42 @@ def _report(cfg: Config, decode: bool, say) -> int:
     for s in problems[:30]: say(f'problem: {s}')
     if len(problems) > 30: say(f'  ... and {len(problems) - 30} more')
     if not problems: say('no problems found')
-    if stop and (not cfg.skip_bad or not tr): say('training would stop:\n' + '\n'.join(f'  - {s}' for s in stop)); return 1
-    if stop: say('with --skip-bad, training leaves the bad pairs out')
-    return 0
+    rc = 1 if stop and (not cfg.skip_bad or not tr) else 0
+    if rc: say('training would stop:\n' + '\n'.join(f'  - {s}' for s in stop))
+    elif stop: say('with --skip-bad, training leaves the bad pairs out')
+    if as_json: out(json.dumps(check_json(found, checked, cfg, problems, stop, rc)))
+    return rc
+
+def check_json(found: Found, checked: dict, cfg: Config, problems: list, stop: list, rc: int) -> dict:
+    "`codseg data-check --json`'s object."
+    return dict(layout=found.layout, root=str(found.root), train=len(checked['training'][0]),
+                val=len(checked['validation'][0]), test={k: len(v) for k, v in found.tests.items()}, roles=found.roles(),
+                noncam_excluded={} if cfg.include_noncam else dict(found.noncam),
+                bad=[{'file': _bad_file(m), 'reason': m} for _, b in checked.values() for m in b] +
+                    [{'file': str(p), 'reason': 'no mask'} for ps in found.missing.values() for p in ps],
+                problems=problems + stop, test_trained=found.test_trained(), archives=found.archives,
+                seed=cfg.seed, val_fraction=None if cfg.val_path else cfg.val_fraction, val_path=cfg.val_path,
+                would_train=rc == 0)
+
+def _bad_file(msg: str) -> str:
+    "The file a bad-pair message names first."
+    m = re.search(r'(?:file|image|mask|read) (\S+?)(?: \(|\.? |$)', msg)
+    return m[1] if m else ''
 
 # %% ../nbs/01_layout.ipynb #4e997abc
+DATA_CHECK_FIELDS = ('dataset_path', 'val_path', 'val_fraction', 'include_noncam', 'skip_bad', 'seed', 'synthetic_n',
+                     'synthetic_size', 'train_sets', 'test_sets', 'allow_test_training', 'extract_dir')
+
 def data_check_cli(argv=None) -> int:
     "`codseg data-check --dataset-path P`: print what the dataset holds, without training."
     p = argparse.ArgumentParser(prog='codseg data-check', description='Show what a dataset path holds: layout, counts '
-                                'per split and test set, CAM/NonCAM, the validation split, and problems; trains nothing.')
-    add_args(p, ('dataset_path', 'val_path', 'val_fraction', 'include_noncam', 'skip_bad', 'seed', 'synthetic_n', 'synthetic_size'))
+                                'per split and test set, each set\'s role and why, CAM/NonCAM, the validation split, '
+                                'and problems; trains nothing.')
+    add_args(p, DATA_CHECK_FIELDS)
     p.add_argument('--decode', action='store_true', help='decode every image and mask (slower) instead of reading headers')
+    p.add_argument('--json', action='store_true', help='print one JSON object instead of the report')
     ns = p.parse_args(sys.argv[1:] if argv is None else argv)
-    try: return _report(from_args(ns), ns.decode, print)
-    except DataError as e: print(f'codseg data-check: {e}', file=sys.stderr); return 2
+    try: return _report(from_args(ns), ns.decode, print, ns.json)
+    except DataError as e:
+        if ns.json: print(json.dumps({'error': str(e), 'problems': [str(e)]}))
+        print(f'codseg data-check: {e}', file=sys.stderr); return 2

@@ -18,7 +18,7 @@ __all__ = ['PLATEAU_ADVICE', 'ARCH', 'Dist', 'seed_everything', 'save_atomic', '
            'find_resume', 'unfrozen_stages', 'StageCB', 'ChannelsLastCB', 'fast_model', 'HistoryCB', 'epoch_line',
            'write_history', 'plot_history', 'WatchCB', 'RunState', 'CheckpointCB', 'SessionLimitCB', 'StopSignalCB',
            'check_same_arch', 'model_state', 'Run', 'make_learner', 'train', 'banner', 'model_from_checkpoint',
-           'validate', 'train_parser', 'train_cli']
+           'validate', 'train_cli']
 
 # %% ../nbs/10_train.ipynb #5c25fcb5
 class Dist:
@@ -132,6 +132,9 @@ class HistoryCB(Callback):
         lr, blr = self.plan.lr(self.plan.first_step(e) + self.plan.steps_per_epoch(e) - 1)
         row = dict(epoch=e + 1, stage=self.plan.stage(e), loss=m['loss'], iou=m['iou'], dice=m['dice'], lr=lr,
                    backbone_lr=blr, seconds=round(time.time() - self.t0, 1), skipped_steps=getattr(learn, 'skipped', 0))
+        if flagged := getattr(learn.train_dl.dataset, 'test_trained', None):  # --allow-test-training: every row says so
+            for r in learn.history: r.setdefault('test_trained', '')
+            row['test_trained'] = ' '.join(flagged)
         learn.history.append(row)
         if self.out is None: return
         self.say(epoch_line(row))
@@ -376,7 +379,9 @@ def banner(run) -> str:
     amp = amp_dtype(d.device, run.cfg.amp)
     return '\n'.join([f'codseg: {run.cfg.backbone} x{run.cfg.num_experts} experts on {d.device}'
                       f"{f' x{d.world} processes' if d.world > 1 else ''}, AMP {str(amp).replace('torch.', '') if amp else 'off'}",
-                      run.data.summary, f'Plan: {run.note}', run.plan.summary()])
+                      run.data.summary, f'Plan: {run.note}', run.plan.summary()] +
+                     [f"WARNING: this run trains or validates on the test set(s) {', '.join(t)}"
+                      for t in [run.data.found.test_trained()] if t])
 
 def _claim_dir(out, run):
     "Create the checkpoint folder, clear temporary files a killed run left; refuse to overwrite an earlier run."
@@ -419,15 +424,9 @@ def validate(checkpoint, device='auto', **overrides) -> dict:
     return meter.compute()
 
 # %% ../nbs/10_train.ipynb #8b72494d
-def train_parser():
-    "The argparse parser of `codseg train`."
-    p = argparse.ArgumentParser(prog='codseg train', description='Train a COD model in two stages.')
-    return add_args(p, DATA + MODEL + PLAN + TRAIN)
+from .cli import train_parser  # the parser lives in the light codseg.cli: `codseg train --help` imports no torch
 
 def train_cli(argv=None) -> int:
-    "Run `codseg train`; 0 on success, 1 when the run stopped on divergence or bad input."
-    cfg = from_args(train_parser().parse_args(argv))
-    try: r = train(cfg)
-    except (TrainingDiverged, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-        print(f'codseg train: {e}', file=sys.stderr); return 1
+    "Run `codseg train` with flags `argv`; errors reach `codseg.cli.main`, which prints one line and sets the exit status."
+    train(from_args(train_parser().parse_args(argv)))
     return 0

@@ -39,17 +39,29 @@ def _owner(ref: str, user: str) -> str:
 
 
 def kernel_metadata(meta: dict, user: str, cod10k: str | None = None, wheel: str | None = None,
-                    internet: bool | None = None, resume_kernel: str | None = None) -> dict:
-    "The metadata to push: `meta` with your username, the chosen datasets, internet and resume source."
+                    internet: bool | None = None, resume_kernel: str | None = None, datasets=(), models=()) -> dict:
+    """The metadata to push: `meta` with your username, the chosen datasets (COD10K, then each of `datasets`, then the
+    wheel; the committed COD10K placeholder is dropped when `datasets` are given), models, internet and resume source."""
     m = json.loads(json.dumps(meta))
     m['id'] = _owner(m['id'], user)
     src = [_owner(s, user) for s in m.get('dataset_sources', [])]
-    if cod10k: src[0] = cod10k
-    if wheel: src[1] = wheel if '/' in wheel else f'{user}/{wheel}'
-    m['dataset_sources'] = src
+    first, wheel_ref = src[0], src[-1]
+    if wheel: wheel_ref = wheel if '/' in wheel else f'{user}/{wheel}'
+    first = cod10k or (None if datasets else first)
+    m['dataset_sources'] = list(dict.fromkeys([*([first] if first else []), *datasets, wheel_ref]))
+    m['model_sources'] = list(dict.fromkeys([*m.get('model_sources', []), *models]))
     if internet is not None: m['enable_internet'] = internet
     if resume_kernel: m['kernel_sources'] = sorted(set(m.get('kernel_sources', [])) | {_owner(resume_kernel, user)})
     return m
+
+
+def check_ref(ref: str, parts: int, flag: str) -> str:
+    "`ref` when it has `parts` non-empty parts separated by '/'; else exit naming `flag` and the form."
+    if len(ref.split('/')) != parts or not all(ref.split('/')):
+        form = 'OWNER/SLUG' if parts == 2 else 'OWNER/MODEL/FRAMEWORK/VARIATION/VERSION'
+        why = ' (the kaggle CLI needs the version number too, e.g. .../1)' if parts == 5 and len(ref.split('/')) == 4 else ''
+        sys.exit(f'push: {flag} {ref!r} is not of the form {form}{why}, as in its address on kaggle.com')
+    return ref
 
 
 def wheel_metadata(ref: str) -> dict:
@@ -116,7 +128,12 @@ def wait_for(run: Runner, cmd, words, poll: float, what: str, limit: float = 360
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog='kaggle/push.py', description=__doc__.split('\n\n')[0])
     p.add_argument('--user', help='Kaggle username (default: from your kaggle configuration)')
-    p.add_argument('--cod10k', metavar='OWNER/SLUG', help='COD10K dataset to attach (default: <user>/cod10k-dataset)')
+    p.add_argument('--cod10k', metavar='OWNER/SLUG', help='COD10K dataset to attach (default: <user>/cod10k-dataset '
+                   'unless --dataset is given)')
+    p.add_argument('--dataset', action='append', default=[], metavar='OWNER/SLUG',
+                   help='attach a dataset (repeatable): COD10K, CAMO, NC4K, CHAMELEON, backbone weights ...')
+    p.add_argument('--model', action='append', default=[], metavar='OWNER/MODEL/FRAMEWORK/VARIATION/VERSION',
+                   help='attach a Kaggle model (repeatable), e.g. backbone weights; the kaggle CLI needs the version')
     p.add_argument('--wheel-dataset', default='codseg-wheel', metavar='SLUG', help='dataset holding the codseg wheel')
     p.add_argument('--internet', action=argparse.BooleanOptionalAction, default=None,
                    help='turn the kernel\'s internet on or off (default: as in kernel-metadata.json)')
@@ -142,12 +159,15 @@ def main(argv=None) -> int:
         user = PLACEHOLDER
     meta = json.loads((HERE / META).read_text())
     resume = None if a.resume_from_kernel is None else (a.resume_from_kernel or meta['id'])
-    meta = kernel_metadata(meta, user, a.cod10k, a.wheel_dataset, a.internet, resume)
+    datasets = [check_ref(d, 2, '--dataset') for d in a.dataset]
+    models = [check_ref(m, 5, '--model') for m in a.model]
+    meta = kernel_metadata(meta, user, a.cod10k, a.wheel_dataset, a.internet, resume, datasets, models)
     run, k = Runner(a.dry_run), kaggle_cmd()
     if a.dry_run: print('push: dry run: nothing is built or uploaded; the commands would be:')
-    if not a.skip_wheel: push_wheel(run, meta['dataset_sources'][1], a.build_dir / 'wheel', a.poll)
+    if not a.skip_wheel: push_wheel(run, meta['dataset_sources'][-1], a.build_dir / 'wheel', a.poll)
     folder = stage_kernel(meta, a.build_dir / 'kernel')
-    print(f'push: kernel staged in {folder} (id {meta["id"]}, datasets {", ".join(meta["dataset_sources"])}, '
+    models = f', models {", ".join(meta["model_sources"])}' if meta['model_sources'] else ''
+    print(f'push: kernel staged in {folder} (id {meta["id"]}, datasets {", ".join(meta["dataset_sources"])}{models}, '
           f'internet {"on" if meta["enable_internet"] else "off"})')
     run([*k, 'kernels', 'push', '-p', folder, *(['--no-run'] if a.no_run else []),
          *(['--accelerator', a.accelerator] if a.accelerator else [])])

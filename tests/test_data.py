@@ -74,8 +74,10 @@ def test_data_check_synthetic(synthetic):
 def test_data_check_include_noncam_and_val_path(synthetic, capsys):
     rc, out, _ = cli(capsys, 'data-check', '--dataset-path', synthetic, '--include-noncam', '--val-fraction', '0.25')
     assert rc == 0 and '17 pairs' in out and 'NonCAM 1 kept' in out and 'training 13, validation 4 (seeded 25%' in out
-    rc, out, _ = cli(capsys, 'data-check', '--dataset-path', synthetic, '--val-path', 'COD10K')
-    assert rc == 0 and 'training 16, validation 4 (--val-path COD10K)' in out
+    rc, out, err = cli(capsys, 'data-check', '--dataset-path', synthetic, '--val-path', 'COD10K')
+    assert rc == 2 and 'COD10K is a test set' in err and '--allow-test-training' in err  # never validated on by default
+    rc, out, _ = cli(capsys, 'data-check', '--dataset-path', synthetic, '--val-path', 'COD10K', '--allow-test-training')
+    assert rc == 0 and 'training 16, validation 4 (--val-path COD10K)' in out and 'WARNING: trains or validates' in out
 
 
 def test_data_check_camo_fixture(synthetic, capsys):
@@ -85,7 +87,9 @@ def test_data_check_camo_fixture(synthetic, capsys):
     assert 'layout:  CAMO' in out and 'test CAMO' in out and '4 pairs' in out
     assert 'checked every pixel of training 0, validation 0, CAMO 4 pairs: 0 bad' in out
     assert rc == 1 and 'no training images' in out  # a test split only: training could not start
-    rc, out, _ = cli(capsys, 'data-check', '--dataset-path', synthetic, '--val-path', CAMO)  # validate on real CAMO
+    rc, out, err = cli(capsys, 'data-check', '--dataset-path', synthetic, '--val-path', CAMO)  # CAMO's Test split
+    assert rc == 1 and 'training would stop' in out and 'test set of the field' in out
+    rc, out, _ = cli(capsys, 'data-check', '--dataset-path', synthetic, '--val-path', CAMO, '--allow-test-training')
     assert rc == 0 and f'training 16, validation 4 (--val-path {CAMO})' in out
     assert 'checked the headers of training 16, validation 4, COD10K 4 pairs: 0 bad' in out
     assert tree_hash(CAMO) == before

@@ -1,4 +1,4 @@
-"End to end: `codseg evaluate` against PySODMetrics by hand, `codseg predict` on odd sizes, `codseg find-lr`."
+"End to end: `codseg evaluate` against PySODMetrics by hand, `codseg predict` on odd sizes (find-lr: tests/test_findlr.py)."
 import csv, hashlib, json, os, subprocess, sys
 from pathlib import Path
 import cv2, numpy as np, pytest, torch
@@ -123,7 +123,7 @@ def test_evaluate_bad_input_names_the_fix(ckpt, tmp_path):
     from codseg.cli import main
     put_pair(tmp_path/'d'/'images', tmp_path/'d'/'masks', 'x', 20, 20, 0)
     (tmp_path/'d'/'masks'/'x.png').unlink()
-    assert main(['evaluate', '--checkpoint', str(tmp_path/'missing.pth'), '--dataset-path', str(tmp_path/'d')]) == 1
+    assert main(['evaluate', '--checkpoint', str(tmp_path/'missing.pth'), '--dataset-path', str(tmp_path/'d')]) == 2
     from codseg.evaluate import evaluate
     with pytest.raises(ValueError, match='--skip-bad'): evaluate(ckpt, tmp_path/'d', device='cpu', num_workers=0)
 
@@ -149,40 +149,7 @@ def test_predict_keeps_each_images_size(ckpt, tmp_path):
         assert set(np.unique(cv2.imread(str(tmp_path/'out'/'masks'/f'{n}.png'), cv2.IMREAD_UNCHANGED))) <= {0, 255}
         assert cv2.imread(str(tmp_path/'out'/'overlays'/f'{n}.jpg')).shape[:2] == hw
     assert tree_state(ins) == before
-    assert main(['predict', '--checkpoint', str(ckpt), '--input', str(ins), '--output', str(ins/'maps')]) == 1
+    assert main(['predict', '--checkpoint', str(ckpt), '--input', str(ins), '--output', str(ins/'maps')]) == 2
     assert main(['predict', '--checkpoint', str(ckpt), '--input', str(ins/'odd.png'), '--output', str(tmp_path/'one'),
                  '--device', 'cpu', '--num-workers', '0']) == 0
     assert cv2.imread(str(tmp_path/'one'/'odd.png'), cv2.IMREAD_UNCHANGED).shape == (617, 589)
-
-# ---------------------------------------------------------------- find-lr
-
-def test_find_lr_suggests_where_short_training_improves():
-    """The sweep's suggestion improves the validation loss in a short run, clearly more than the sweep's first LR, while
-    the LR where the sweep stopped (divergence) makes it worse: the suggestion lies inside the improving range."""
-    from codseg.config import Config
-    from codseg.findlr import find_lr, lr_trial
-    from codseg.model import build_model
-    cfg = Config(dataset_path='synthetic', accumulation_steps=1, seed=0, **TINY)
-    torch.manual_seed(0); net = build_model(cfg)
-    state = {k: v.clone() for k, v in net.state_dict().items()}
-    res = find_lr(cfg, stage=1, start=1e-6, end=10, steps=40, model=net, say=print, progress=True)
-    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items()), 'find_lr did not restore the weights'
-    lo, s, hi = res['lrs'][0], res['suggestion'], res['lrs'][-1]
-    assert res['stopped'] and lo < s < hi, res
-    gain = {}
-    for lr in (lo, s, hi):
-        before, after = lr_trial(cfg, lr, stage=1, steps=10, model=net)
-        gain[lr] = (before - after) / before
-        print(f'LR {lr:.2e}: validation loss {before:.4f} -> {after:.4f}')
-    assert gain[s] > 0.01, 'a short run at the suggested LR did not improve'
-    assert gain[s] > 3 * max(gain[lo], 0), 'the suggestion is no better than the bottom of the sweep'
-    assert gain[hi] < 0, 'the sweep stopped at an LR that still improves: it did not find the top of the range'
-
-def test_find_lr_cli_stage2_from_checkpoint(ckpt, tmp_path):
-    "`codseg find-lr --stage 2 --resume-from CKPT`: a Stage-2 suggestion, a plot; the checkpoint file is untouched."
-    before = ckpt.read_bytes()
-    out = codseg('find-lr', '--stage', 2, '--resume-from', ckpt, '--dataset-path', 'synthetic', '--synthetic-n', 48,
-                 '--synthetic-size', 64, '--img-size', 64, '--batch-size', 8, '--accumulation-steps', 1, '--num-workers', 0,
-                 '--device', 'cpu', '--steps', 12, '--start', 1e-5, '--end', 1, '--png', tmp_path/'lr.png')
-    assert 'Suggested: --stage2-lr' in out and 'backbone' in out and (tmp_path/'lr.png').stat().st_size > 0
-    assert ckpt.read_bytes() == before

@@ -32,7 +32,8 @@ VALIDATE = textwrap.dedent('''
         r = e.args[0]
         print(json.dumps(dict(slug=r.slug, title=r.new_title, language=r.language, kernel_type=r.kernel_type,
             enable_gpu=r.enable_gpu, enable_internet=r.enable_internet, machine_shape=r.machine_shape,
-            datasets=list(r.dataset_data_sources), kernels=list(r.kernel_data_sources), text=r.text)))
+            datasets=list(r.dataset_data_sources), kernels=list(r.kernel_data_sources),
+            models=list(r.model_data_sources or []), text=r.text)))
 ''')
 
 def kaggle_validate(folder, tmp_path):
@@ -109,6 +110,31 @@ def test_push_metadata_choices():
     w = push.wheel_metadata('bob/codseg-wheel')
     assert w['id'] == 'bob/codseg-wheel' and 6 <= len(w['title']) <= 50 and len(w['licenses']) == 1
 
+RECIPE = ['--dataset', 'carol/cod10k-v3', '--dataset', 'dan/camo-dataset', '--dataset', 'erin/nc4k',
+          '--dataset', 'erin/chameleon', '--dataset', 'frank/edgenext-weights',
+          '--model', 'timm/edgenext/PyTorch/edgenext_base/1', '--model', 'gina/codseg-moe/PyTorch/v1/3']
+
+def test_push_datasets_and_models(tmp_path):
+    "Every input of the standard recipe attached by --dataset, weights by --model; what is staged passes validation."
+    build = tmp_path / 'build'
+    r = subprocess.run([sys.executable, str(KAGGLE / 'push.py'), '--dry-run', '--user', 'alice', '--skip-wheel', *RECIPE,
+                        '--dataset', 'erin/nc4k', '--build-dir', str(build)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((build / 'kernel' / 'kernel-metadata.json').read_text())
+    assert meta['dataset_sources'] == ['carol/cod10k-v3', 'dan/camo-dataset', 'erin/nc4k', 'erin/chameleon',
+                                       'frank/edgenext-weights', 'alice/codseg-wheel']  # no placeholder, no repeat
+    assert meta['model_sources'] == ['timm/edgenext/PyTorch/edgenext_base/1', 'gina/codseg-moe/PyTorch/v1/3']
+    assert 'models timm/edgenext/PyTorch/edgenext_base/1' in r.stdout
+    rc, req, err = kaggle_validate(build / 'kernel', tmp_path)
+    assert rc == 0 and req['datasets'] == meta['dataset_sources'] and len(req['models']) == 2, err
+    m = push.kernel_metadata(json.loads((KAGGLE / 'kernel-metadata.json').read_text()), 'bob', cod10k='c/cod',
+                             datasets=['d/camo'])
+    assert m['dataset_sources'] == ['c/cod', 'd/camo', 'bob/codseg-wheel'] and m['model_sources'] == []
+    for bad in (['--model', 'timm/edgenext/PyTorch/base'], ['--dataset', 'no-owner']):
+        r = subprocess.run([sys.executable, str(KAGGLE / 'push.py'), '--dry-run', '--user', 'a', *bad], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode != 0 and 'is not of the form' in r.stderr, r.stderr
+
 # --- the kernel notebook, headless on a fake /kaggle/input ---------------------------------------------------------
 TINY = dict(backbone='edgenext_xx_small', pretrained=False, img_size=64, epochs=2, stage1_epochs=1, batch_size=4,
             accumulation_steps=1, num_workers=0, num_experts=2, seed=0)
@@ -168,6 +194,12 @@ def test_kernel_runs_headless(fresh):
     rows = (res / 'eval_best_model.csv').read_text().splitlines()
     assert len(rows) == 2 and rows[1].startswith('COD10K,4,'), rows  # the 4 synthetic test images, camouflaged only
     assert 'starting a new run' in out and epochs_printed(out) == [1, 2], out
+    check = sh.user_ns['check']  # data-check ran with the training settings and its JSON was read
+    assert check['seed'] == TINY['seed'] == sh.user_ns['cfg'].seed and check['val_fraction'] == sh.user_ns['cfg'].val_fraction
+    assert check['roles'] == {'COD10K-train': {'role': 'train', 'reason': "COD10K's Train split: trained on"},
+                              'COD10K': {'role': 'test', 'reason': "COD10K's Test split (a test set of the field): evaluated, "
+                                                                   'never trained on'}}
+    assert check['train'] + check['val'] == 16 and check['test'] == {'COD10K': 4} and '--seed 0' in out
     assert snapshot(inp) == before, 'the kernel wrote inside its input folder'
 
 def test_kernel_torchrun_flags(fresh):
