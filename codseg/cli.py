@@ -6,7 +6,7 @@
 from __future__ import annotations
 import argparse, errno, importlib, os, re, sys, traceback
 from pathlib import Path
-from .config import Config, add_args, from_args, DATA, MODEL, PLAN, TRAIN
+from .config import Config, add_args, from_args, parse_loggers, DATA, MODEL, PLAN, TRAIN
 
 # %% auto #0
 __all__ = ['CKPT_DEFAULTS', 'RANGES', 'OUTPUTS', 'DISK', 'COMMANDS', 'train_parser', 'evaluate_parser', 'predict_parser',
@@ -77,7 +77,13 @@ RANGES = {  # field: (test, what it must be)
     'stop_after': (lambda v: v >= 1, 'at least 1 (epochs)'), 'time_limit': (lambda v: v > 0, 'above 0 (hours)'),
     'batch_size': (lambda v: v >= 1, 'at least 1'), 'device': (lambda v: re.fullmatch(r'auto|cpu|mps|cuda(:\d+)?', v),
                                                                 'auto, cpu, cuda or cuda:N'),
+    'panel_every': (lambda v: v >= 0, '0 (the first, each new best and the last epoch) or more'),
+    'logger': (lambda v: _loggers_ok(v), 'a comma list of csv, tensorboard, wandb'),
 }
+
+def _loggers_ok(v) -> bool:
+    try: return bool(parse_loggers(v))
+    except ValueError: return False
 
 def _flag(n: str) -> str: return '--' + n.replace('_', '-')
 

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Literal, Optional
 
 # %% auto #0
-__all__ = ['Scheduler', 'Loss', 'Monitor', 'DATA', 'MODEL', 'PLAN', 'TRACK', 'TRAIN', 'Config', 'resolve', 'field_help',
-           'add_args', 'from_args', 'to_argv', 'to_dict', 'from_dict', 'save_config']
+__all__ = ['Scheduler', 'Loss', 'Monitor', 'DATA', 'MODEL', 'PLAN', 'TRACK', 'LOGGERS', 'TRAIN', 'Config', 'resolve',
+           'field_help', 'parse_loggers', 'add_args', 'from_args', 'to_argv', 'to_dict', 'from_dict', 'save_config']
 
 # %% ../nbs/00_config.ipynb #668c46e8
 Scheduler = Literal['onecycle', 'cosine', 'cosine_restart', 'none']
@@ -112,6 +112,14 @@ PLAN = ('epochs', 'stage1_epochs', 'batch_size', 'stage2_batch_size', 'accumulat
         'scheduler', 'stage1_scheduler', 'min_lr', 'warmup_epochs', 't0', 't_mult', 'pct_start',
         'backbone_lr_mult', 'skip_stage1')
 TRACK = ('logger', 'panel_every', 'monitor')
+LOGGERS = ('csv', 'tensorboard', 'wandb')  # the names --logger takes
+
+def parse_loggers(spec: str) -> tuple:
+    "The logger names in comma list `spec` (--logger), checked."
+    names = tuple(dict.fromkeys(s.strip().lower() for s in (spec or '').split(',') if s.strip()))
+    if bad := [n for n in names if n not in LOGGERS]:
+        raise ValueError(f"--logger {spec}: unknown logger {', '.join(bad)}; give a comma list of {', '.join(LOGGERS)}")
+    return names or ('csv',)
 TRAIN = tuple(f.name for f in fields(Config) if f.name not in DATA + MODEL + PLAN)
 
 def _base_type(tp):

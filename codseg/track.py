@@ -7,26 +7,19 @@ from __future__ import annotations
 import math, os, shutil, threading
 from pathlib import Path
 import numpy as np, torch
+from .config import LOGGERS, parse_loggers
 from .learner import Callback, all_reduce_sum, unwrap
 
 # %% auto #0
-__all__ = ['LOGGERS', 'MONITORS', 'FIELD', 'LABELS', 'HISTORY_EXTRA', 'EPOCH_TAGS', 'PANEL_N', 'parse_loggers', 'monitor_key',
-           'is_better', 'best_so_far', 'best_row', 'epoch_tail', 'FieldMeter', 'FieldMetricsCB', 'TBLogger',
-           'wandb_key', 'WandbLogger', 'adopt_logs', 'make_loggers', 'figure_array', 'plan_figure', 'TrackCB',
-           'panel_indices', 'outlines', 'panel_figure', 'PanelCB', 'track_callbacks', 'LiveView']
+__all__ = ['MONITORS', 'FIELD', 'LABELS', 'HISTORY_EXTRA', 'EPOCH_TAGS', 'PANEL_N', 'monitor_key', 'is_better', 'best_so_far',
+           'best_row', 'epoch_tail', 'FieldMeter', 'FieldMetricsCB', 'TBLogger', 'wandb_key', 'WandbLogger',
+           'adopt_logs', 'make_loggers', 'figure_array', 'plan_figure', 'TrackCB', 'panel_indices', 'outlines',
+           'panel_figure', 'PanelCB', 'track_callbacks', 'LiveView']
 
 # %% ../nbs/14_track.ipynb #39564ec1
-LOGGERS = ('csv', 'tensorboard', 'wandb')
 MONITORS = {'iou': ('iou', max), 'smeasure': ('sm', max), 'mae': ('mae', min), 'wfmeasure': ('wfm', max)}  # history key, better
 FIELD = ('sm', 'mae', 'wfm')  # history keys of the field measures
 LABELS = {'iou': 'IoU', 'sm': 'Sm', 'mae': 'MAE', 'wfm': 'wFm'}
-
-def parse_loggers(spec: str) -> tuple:
-    "The logger names in comma list `spec`, checked."
-    names = tuple(dict.fromkeys(s.strip().lower() for s in (spec or '').split(',') if s.strip()))
-    if bad := [n for n in names if n not in LOGGERS]:
-        raise ValueError(f"--logger {spec}: unknown logger {', '.join(bad)}; give a comma list of {', '.join(LOGGERS)}")
-    return names or ('csv',)
 
 def monitor_key(monitor: str) -> str:
     "The history column of validation measure `monitor`."

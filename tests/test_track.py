@@ -157,11 +157,12 @@ def test_monitor_mae_is_lower_better_and_a_changed_monitor_keeps_the_best(tmp_pa
     assert torch.load(ck/'best_model.pth', weights_only=True)['epoch'] == be
 
 def test_bad_logger_is_refused(tmp_path, capsys):
-    argv = ['--dataset-path', 'synthetic', '--synthetic-n', '24', '--synthetic-size', '48', '--img-size', '48',
-            '--backbone', 'edgenext_xx_small', '--no-pretrained', '--num-workers', '0', '--epochs', '2',
-            '--stage1-epochs', '1', '--checkpoint-dir', str(tmp_path/'ck'), '--logger', 'csv,mlflow']
-    assert train_cli(argv) == 1
-    assert 'unknown logger mlflow' in capsys.readouterr().err and not (tmp_path/'ck'/'last.pth').exists()
+    from codseg.cli import main
+    argv = ['train', '--dataset-path', 'synthetic', '--checkpoint-dir', str(tmp_path/'ck'), '--logger', 'csv,mlflow']
+    assert main(argv) == 2 and '--logger csv,mlflow must be a comma list of csv, tensorboard, wandb' in capsys.readouterr().err
+    with pytest.raises(ValueError, match='unknown logger mlflow'):  # the same from Python
+        run(tmp_path/'ck2', logger='csv,mlflow')
+    assert not (tmp_path/'ck2'/'last.pth').exists()
 
 def test_pretrained_path_auto_finds_kaggle_model_weights(tmp_path, monkeypatch, capsys):
     import codseg.model as M
