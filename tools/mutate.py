@@ -16,7 +16,7 @@ pass, *stale* when its `old` string is no longer found exactly once (fix the lis
 
 Exit status: 0 when the score (caught / (caught + survived)) reaches --target (default 0.95), else 1."""
 from __future__ import annotations
-import argparse, json, os, shutil, subprocess, sys, tempfile, time, tomllib
+import argparse, json, os, re, shutil, subprocess, sys, tempfile, time, tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -63,7 +63,8 @@ def run_tests(copy: Path, tests: list[str], timeout: float) -> tuple[str, str]:
         try: r = subprocess.run(cmd, cwd=copy, env=env_for(copy), capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired: return 'caught', f'timeout ({timeout:.0f}s) in {" ".join(cmd[-4:])}'
         if r.returncode != 0:
-            tail = [l for l in (r.stdout + r.stderr).splitlines() if l.strip()][-1:] or ['']
+            lines = [l.strip() for l in (r.stdout + r.stderr).splitlines() if l.strip()]
+            tail = [l for l in lines if re.search(r'Error|assert|FAILED|Exception', l)][-1:] or lines[-1:] or ['']
             return 'caught', f'{" ".join(cmd[3:] if cmd[0] == sys.executable else cmd[2:3])}: {tail[0][:120]}'
     return 'survived', 'every test passed'
 
