@@ -144,11 +144,13 @@ def test_metrics_equal_a_hand_computation():
     meter = SegMeter(); meter.update(l[:2], m[:2]); meter.update(l[2:], m[2:])
     assert meter.compute() == pytest.approx(hand, abs=1e-12) and meter.sums[2] == 3
 
-def test_moe_benchmark_runs():
+def test_moe_benchmark_keeps_a_floor():
+    "The MoE speedup (3-4x measured, target 3x) stays above 1x, the per-sample loop: a 10x regression (~0.35x) fails."
     r = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'moe_speed.py'), '--runs', '3'],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.strip().splitlines()
-    assert re.fullmatch(r'moe speedup: \d+\.\dx', lines[-1]), r.stdout
+    m = re.fullmatch(r'moe speedup: (\d+\.\d)x', lines[-1])
+    assert m and float(m[1]) >= 1.0, r.stdout
     assert '(7 of 7 experts used)' in r.stdout, r.stdout  # the headline routing really spreads over every expert
     assert re.search(r'^moe speedup, malloc as it comes: \d+\.\dx$', r.stdout, re.M), r.stdout  # the default-malloc figure is shown too
