@@ -177,3 +177,56 @@ def test_validation_items_are_plain_resizes(tmp_path):
             m = cv2.resize(mask, (s, s), interpolation=cv2.INTER_NEAREST)
             assert item['mask'].shape == (1, s, s) and (item['mask'][0].numpy() == m).mean() > 0.98, item['name']
             assert item['size'].tolist() == list(img.shape[:2])
+
+# ---------------------------------------------------------------- more checks by hand (mutants the notebooks let through)
+
+def put(img_dir, mask_dir, name, size=20):
+    "A random PNG image and a mask with a square, `size` x `size`."
+    for d in (img_dir, mask_dir): d.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(img_dir/f'{name}.png'), np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8))
+    m = np.zeros((size, size), np.uint8); m[5:12, 5:12] = 255
+    cv2.imwrite(str(mask_dir/f'{name}.png'), m)
+
+def test_two_roots_keep_one_pair_per_training_name(tmp_path):
+    "A folder holding two datasets whose training images share a name: the name is used once and the clash reported."
+    from codseg.layout import discover
+    for root, names in (('A', ['x', 'y']), ('B', ['x', 'z'])):
+        for n in names: put(tmp_path/root/'images', tmp_path/root/'masks', n)
+    found = discover(tmp_path)
+    assert sorted(p.name for p in found.train) == ['x', 'y', 'z']
+    assert any('repeat names' in p for p in found.problems), found.problems
+
+def test_shrunk_masks_keep_pixels_at_least_half_object(tmp_path):
+    "A JPEG decoded 8x smaller for a small img_size: its mask is the 8x8 block average, object where at least half is."
+    from codseg.data import SegDataset, eval_transform
+    from codseg.layout import Pair
+    img = cv2.resize(np.random.default_rng(1).integers(0, 256, (10, 10, 3), dtype=np.uint8), (800, 800))
+    mask = np.zeros((800, 800), np.uint8)
+    mask[13:53, 13:53] = 1  # edge blocks 3/8 and 5/8 covered: products never exactly 1/2
+    mask[200:600, 401] = 1  # a one-pixel line: 1/8 of each block, gone when shrunk
+    cv2.imwrite(str(tmp_path/'a.jpg'), img, [cv2.IMWRITE_JPEG_QUALITY, 95]); cv2.imwrite(str(tmp_path/'a.png'), mask * 255)
+    ds = SegDataset([Pair(tmp_path/'a.jpg', tmp_path/'a.png', 'a')], eval_transform(64, MEAN, STD))
+    im, m, size = ds.load_small(0)
+    hand = (mask.reshape(100, 8, 100, 8).mean((1, 3)) >= 0.5).astype(np.uint8)
+    assert size == (800, 800) and im.shape[:2] == (100, 100) and np.array_equal(m, hand)
+
+def test_structure_loss_by_hand():
+    "F3Net's structure loss (weights 1 + 5|avgpool31(mask) - mask|, weighted BCE + weighted IoU) computed by hand."
+    from codseg.losses import CODLoss
+    rng = np.random.default_rng(0)
+    mask = np.zeros((2, 1, 12, 10)); mask[0, 0, 2:8, 3:9] = 1; mask[1, 0, 5:, :4] = 1
+    logits = rng.normal(0, 2, mask.shape)
+    pad = np.pad(mask, ((0, 0), (0, 0), (15, 15), (15, 15)))  # zero padding, counted in the 31x31 mean
+    pool = np.array([[[[pad[b, 0, i:i + 31, j:j + 31].mean() for j in range(10)] for i in range(12)]] for b in range(2)])
+    w = 1 + 5 * np.abs(pool - mask)
+    p = 1 / (1 + np.exp(-logits))
+    bce = -(mask * np.log(p) + (1 - mask) * np.log(1 - p))
+    wbce = (w * bce).sum((2, 3)) / w.sum((2, 3))
+    inter, union = (w * p * mask).sum((2, 3)), (w * (p + mask)).sum((2, 3))
+    hand = (wbce + 1 - (inter + 1) / (union - inter + 1)).mean()
+    t = lambda a: torch.tensor(a, dtype=torch.float32)
+    loss, parts = CODLoss('structure', aux_weight=0.5, balance_weight=0.01)({'logits': t(logits)}, t(mask))
+    assert float(parts['main']) == pytest.approx(hand, rel=1e-5) and float(loss) == pytest.approx(hand, rel=1e-5)
+    aux = {'logits': t(logits), 'aux': [t(logits[..., ::2, ::2].copy())], 'balance': torch.tensor(2.0)}
+    loss, parts = CODLoss('structure', aux_weight=0.5, balance_weight=0.01)(aux, t(mask))
+    assert float(loss) == pytest.approx(float(parts['main']) + 0.5 * float(parts['aux']) + 0.02, rel=1e-6)
