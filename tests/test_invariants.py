@@ -1,7 +1,7 @@
 """Invariants users depend on, each pinned by a mutant the older tests let through: the optimizer really gets the planned
 per-group LRs; a mid-epoch resume equals the uninterrupted run; best_model.pth is the best-IoU epoch; validation items are
 plain resizes. Public behaviour only: the CLI, `codseg.train.train`, checkpoints, history.csv, `lr-preview --csv`."""
-import csv, os, re
+import csv, math, os, re
 from pathlib import Path
 import cv2, numpy as np, pytest, torch
 from codseg.cli import main
@@ -74,6 +74,14 @@ def test_optimizer_lrs_equal_lr_preview(tmp_path, optimizer_lrs):
             assert set(got) == {'decoder', 'backbone'}, got
             assert got['decoder'] == pytest.approx(float(row['lr']), rel=1e-6, abs=1e-12), (i, row)
             assert got['backbone'] == pytest.approx(float(row['backbone_lr']), rel=1e-6, abs=1e-12), (i, row)
+        last = {math.floor(float(r['epoch']) + 1e-9) + 1: r for r in plan}  # epoch number: its last step's row
+        ckdir = Path(args[args.index('--checkpoint-dir') + 1])
+        hist = [h for h in csv.DictReader(open(ckdir/'history.csv')) if int(h['epoch']) in last]
+        assert sorted(int(h['epoch']) for h in hist) == sorted(last), (i, [h['epoch'] for h in hist], sorted(last))
+        for h in hist:  # history.csv (and the epoch line) report the LRs at the epoch's last step
+            r = last[int(h['epoch'])]
+            assert float(h['lr']) == pytest.approx(float(r['lr']), rel=1e-6, abs=1e-12), (i, h, r)
+            assert float(h['backbone_lr']) == pytest.approx(float(r['backbone_lr']), rel=1e-6, abs=1e-12), (i, h, r)
 
 # ---------------------------------------------------------------- 2. a mid-epoch resume is the uninterrupted run
 
