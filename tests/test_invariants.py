@@ -238,3 +238,26 @@ def test_structure_loss_by_hand():
     aux = {'logits': t(logits), 'aux': [t(logits[..., ::2, ::2].copy())], 'balance': torch.tensor(2.0)}
     loss, parts = CODLoss('structure', aux_weight=0.5, balance_weight=0.01)(aux, t(mask))
     assert float(loss) == pytest.approx(float(parts['main']) + 0.5 * float(parts['aux']) + 0.02, rel=1e-6)
+
+def test_resume_auto_takes_the_newest_last_pth(tmp_path):
+    "--resume-from auto: the newest last.pth under --checkpoint-dir or the Kaggle input folder; None when there is none."
+    from codseg.train import find_resume
+    ck, kin = tmp_path/'ck', tmp_path/'input'
+    cfg = Config(checkpoint_dir=str(ck), resume_from='auto')
+    assert find_resume(cfg, kaggle_input=str(kin)) is None
+    files = [ck/'last.pth', kin/'session1'/'out'/'last.pth', kin/'session2'/'last.pth']
+    for i, f in enumerate(files):
+        f.parent.mkdir(parents=True, exist_ok=True); f.write_bytes(b'x'); os.utime(f, (1000 + i, 1000 + i))
+    assert find_resume(cfg, kaggle_input=str(kin)) == files[2]
+    os.utime(files[0], (2000, 2000))
+    assert find_resume(cfg, kaggle_input=str(kin)) == files[0]
+    assert find_resume(Config(checkpoint_dir=str(ck), resume_from=str(files[1])), kaggle_input=str(kin)) == files[1]
+
+def test_ema_starts_from_the_trained_weights(tmp_path, monkeypatch):
+    "With --ema, the EMA is not dragged by the random initial weights: after the first optimizer step it equals the model."
+    from codseg.train import train
+    stop_at_step(monkeypatch, 1)
+    r = train(Config(checkpoint_dir=str(tmp_path), **{**RUN, 'ema_decay': 0.999}), say=quiet)
+    ck = torch.load(tmp_path/'last.pth', weights_only=True)
+    assert r['stopped'] == 'signal' and ck['ema'] is not None
+    same_state({k.removeprefix('module.'): v for k, v in ck['ema'].items()}, ck['model'], 'ema')  # timm's EMA wraps the model
