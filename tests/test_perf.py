@@ -132,12 +132,28 @@ def last_line(capsys) -> str:
     return capsys.readouterr().out.strip().splitlines()[-1]
 
 
-def test_benchmarks_run_and_print_their_figure(capsys):
-    import loader_speed, cache_speed, memory_peak
+def figure(pattern, line):
+    "The ratio in benchmark line `line` (a float), which must match `pattern` with the ratio as group 1."
+    m = re.fullmatch(pattern, line)
+    assert m, line
+    return float(m[1])
+
+def test_loader_benchmark_smoke(capsys):
+    """Smoke test only (no floor: at this tiny size the figure swings from 0.04x to 1.2x with the load on a shared CPU):
+    loader_speed runs and prints its figure."""
+    import loader_speed
     loader_speed.main(['--n', '2', '--width', '320', '--height', '240', '--img-size', '64', '--repeats', '1'])
     assert re.fullmatch(r'loader vs decode-only: \d+\.\d+x', last_line(capsys))
+
+def test_cache_benchmark_keeps_a_floor(capsys):
+    """The cache speedup at a tiny size stays above 5x, well below what it measures (~45x here on the 2-core dev
+    container; target 3x at 1 MP), so a 10x regression fails."""
+    import cache_speed
     cache_speed.main(['--n', '2', '--width', '320', '--height', '240', '--img-size', '64', '--repeats', '1'])
-    assert re.fullmatch(r'cache speedup: \d+\.\dx', last_line(capsys))
+    assert figure(r'cache speedup: (\d+\.\d)x', last_line(capsys)) >= 5
+
+def test_memory_benchmark_smoke():
+    "Smoke test only (no floor: at 64 px and batch 1 checkpointing saves nothing): memory_peak runs and prints its figure."
     # memory_peak re-runs itself with glibc's mmap threshold lowered, so RSS shows each step's allocations: run it
     # as a script (in this long-lived test process freed heap is reused and an RSS delta means nothing)
     out = subprocess.run([sys.executable, str(BENCH/'memory_peak.py'), '--backbones', 'edgenext_xx_small', '--batches', '1',
