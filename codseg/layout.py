@@ -10,14 +10,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from .config import Config, add_args, from_args
+from .image import DataError, FIX, image_size
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'IMAGE_DIRS', 'MASK_DIRS', 'MASK_SUFFIXES', 'SPLIT_DIRS', 'SINET_TRAIN', 'SINET_TEST', 'ARCHIVE_EXTS',
-           'KNOWN_SETS', 'TEST_ONLY', 'LAYOUT_HELP', 'MAX_DEPTH', 'ARCHIVE_RE', 'FIX', 'DATA_CHECK_FIELDS', 'DataError',
-           'is_image_file', 'layout_of', 'kaggle_input_dir', 'is_archive', 'find_roots', 'find_archives',
-           'find_dataset_root', 'Pair', 'is_noncam', 'DataSet', 'Found', 'assign_roles', 'default_extract_dir',
-           'archive_summary', 'extract', 'discover', 'split_train_val', 'dataset_root', 'discover_cfg',
-           'train_val_pairs', 'train_size', 'check_pairs', 'check_json', 'data_check_cli']
+           'KNOWN_SETS', 'TEST_ONLY', 'LAYOUT_HELP', 'MAX_DEPTH', 'ARCHIVE_RE', 'DATA_CHECK_FIELDS', 'is_image_file',
+           'layout_of', 'kaggle_input_dir', 'is_archive', 'find_roots', 'find_archives', 'find_dataset_root', 'Pair',
+           'is_noncam', 'DataSet', 'Found', 'assign_roles', 'default_extract_dir', 'archive_summary', 'extract',
+           'discover', 'split_train_val', 'dataset_root', 'discover_cfg', 'train_val_pairs', 'train_size',
+           'check_pairs', 'check_json', 'data_check_cli']
 
 # %% ../nbs/01_layout.ipynb #efb28120
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')  # image and mask file extensions
@@ -35,9 +36,6 @@ LAYOUT_HELP = ("COD10K-v3 (Train/Image + Train/GT_Object, Test/...), a SINet pac
                "TestDataset/<NAME>/{Imgs,GT}), CAMO (Images/Train|Test + GT), images/{train,test} + gts/{train,test}, "
                "Train_Image + Train_GT (+ Test_...), an archive of one of these, or an images folder beside a masks "
                f"folder (image folders: {', '.join(IMAGE_DIRS)}; mask folders: {', '.join(MASK_DIRS)})")
-
-class DataError(ValueError):
-    "A problem with the data on disk or a data flag; the message names the file or flag and the fix."
 
 # %% ../nbs/01_layout.ipynb #fbc9f101
 def _entries(d: Path):
@@ -562,24 +560,12 @@ def train_size(cfg: Config) -> int:
     return len(train_val_pairs(cfg)[0])
 
 # %% ../nbs/01_layout.ipynb #a21a128f
-FIX = 'Fix: replace or re-save the file, remove the pair, or pass --skip-bad to leave such pairs out.'
-
-def _size(path: Path, decode: bool) -> tuple[int, int]:
-    "(width, height) of image file `path`, from its header (or by decoding it); DataError when unreadable."
-    if decode:
-        from codseg.data import read_image
-        h, w = read_image(path).shape[:2]; return w, h
-    from PIL import Image
-    try:
-        with Image.open(path) as im: return im.size
-    except Exception as e: raise DataError(f'unreadable file {path} ({type(e).__name__}: {e}). {FIX}') from None
-
 def _check(pair: Pair, decode: bool) -> str | None:
     "What is wrong with `pair`, or None."
     try:
-        ws = _size(pair.image, decode)
+        ws = image_size(pair.image, decode)
         if pair.mask is None: return None
-        wm = _size(pair.mask, decode)
+        wm = image_size(pair.mask, decode)
     except DataError as e: return str(e)
     if ws != wm:
         return (f'size mismatch: image {pair.image} is {ws[0]}x{ws[1]} (WxH) but its mask {pair.mask} is '
