@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib, json, math, os, sys, threading, warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')  # no version check over the network (offline Kaggle sessions)
+os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')  # no version check online (offline Kaggle sessions)
 import albumentations as A
 import cv2, numpy as np, torch
 from .config import Config
@@ -20,7 +20,7 @@ __all__ = ['CACHE_VERSION', 'input_scale', 'work_size', 'cache_folder', 'entry_n
 
 # %% ../nbs/02a_cache.ipynb #9f656193
 def input_scale(transform, h: int, w: int) -> float:
-    "The factor k <= 1 an `h` x `w` input of `transform` can be shrunk by without the transform enlarging it later."
+    "The factor k <= 1 an `h` x `w` input of `transform` can shrink by without the transform enlarging it."
     t = (getattr(transform, 'transforms', None) or [transform])[0]
     if isinstance(t, A.RandomResizedCrop):  # the smallest crop's shorter side must stay >= the output side
         k = max(t.size) / math.sqrt(t.scale[0] * min(t.ratio[0], 1 / t.ratio[1]) * h * w)
@@ -49,7 +49,7 @@ def cache_folder(cache_dir, transform) -> Path:
     return Path(cache_dir)/f'codseg-v{CACHE_VERSION}'/size
 
 def _stamp(path) -> list:
-    "What identifies file `path` across sessions and mount points: its last three path parts, byte size and mtime."
+    "What identifies file `path` across sessions and mounts: its last three path parts, byte size and mtime."
     if path is None: return []
     st = os.stat(path)
     return [*Path(path).parts[-3:], st.st_size, st.st_mtime_ns]
@@ -62,7 +62,7 @@ def entry_name(pair: Pair, transform) -> str | None:
 
 # %% ../nbs/02a_cache.ipynb #6d0005e0
 def write_entry(path: Path, img: np.ndarray, mask: np.ndarray, size):
-    "Store an entry at `path` atomically: the original (H, W), the image and the mask, as three arrays in one .npy."
+    "Store an entry at `path` atomically: the original (H, W), image and mask, as three arrays in one .npy."
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.{threading.get_ident()}.tmp')
     try:
         with open(tmp, 'wb') as f:
@@ -76,7 +76,7 @@ def read_entry(path) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     return img, mask, tuple(size.tolist())
 
 def make_entry(ds, i: int, path: Path):
-    "Write the entry of dataset `ds`'s pair `i` to `path`: decoded as small as allowed, area-shrunk to its working size."
+    "Write the entry of dataset `ds`'s pair `i` to `path`: decoded small, area-shrunk to its working size."
     img, mask, size = ds.read(i, small=True)
     h, w = work_size(*size, input_scale(ds.transform, *size))
     if img.shape[:2] != (h, w):
@@ -87,7 +87,8 @@ def make_entry(ds, i: int, path: Path):
 def _entry_paths(ds, cache_dir, workers: int) -> list[Path | None]:
     "The entry path of each of dataset `ds`'s pairs (None: its files cannot be looked at)."
     folder = cache_folder(cache_dir, ds.transform)
-    with ThreadPoolExecutor(max(1, workers)) as ex: names = list(ex.map(lambda p: entry_name(p, ds.transform), ds.pairs))
+    with ThreadPoolExecutor(max(1, workers)) as ex:
+        names = list(ex.map(lambda p: entry_name(p, ds.transform), ds.pairs))
     return [folder/n if n else None for n in names]
 
 def _make(ds, ip) -> int:
@@ -97,7 +98,7 @@ def _make(ds, ip) -> int:
     return 1
 
 def fill_cache(ds, cache_dir, *, workers: int, rank: int = 0, world: int = 1) -> int:
-    "Make the missing entries of dataset `ds`'s pairs rank, rank + world, ... in `cache_dir`; how many were made."
+    "Make the missing entries of dataset `ds`'s pairs rank, rank + world, ... in `cache_dir`; how many."
     from tqdm.auto import tqdm
     paths = _entry_paths(ds, cache_dir, workers)
     todo = [(i, p) for i, p in enumerate(paths) if p is not None and i % world == rank and not p.exists()]
@@ -116,9 +117,9 @@ def fill_cache(ds, cache_dir, *, workers: int, rank: int = 0, world: int = 1) ->
 
 def _read_only(cache_dir, e: OSError, n: int) -> int:
     "Warn that `cache_dir` cannot take the `n` missing entries; none were made."
-    warnings.warn(f'--cache-dir {cache_dir} cannot be written ({e}): {n} pair(s) without an entry load from the '
-                  'originals. Fix: pass a writable --cache-dir (e.g. /kaggle/working/cache; copy a read-only cache '
-                  'there to extend it).')
+    warnings.warn(f'--cache-dir {cache_dir} cannot be written ({e}): {n} pair(s) without an entry load from '
+                  'the originals. Fix: pass a writable --cache-dir (e.g. /kaggle/working/cache; copy a read-only '
+                  'cache there to extend it).')
     return 0
 
 def use_cache(ds, cache_dir, workers: int) -> int:
@@ -133,22 +134,23 @@ def _rank_world() -> tuple[int, int]:
     return (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else (0, 1)
 
 def _outside_inputs(cfg: Config, found: Found):
-    "Stop when `cfg.cache_dir` is inside the dataset (or the --val-path folder): codseg never writes into its inputs."
+    "Stop when `cfg.cache_dir` is inside the dataset or --val-path folder: codseg never writes into inputs."
     c = Path(cfg.cache_dir).resolve()
     for r in [found.root] + ([Path(cfg.val_path)] if cfg.val_path else []):
         if c == Path(r).resolve() or Path(r).resolve() in c.parents:
-            raise DataError(f'--cache-dir {cfg.cache_dir} is inside the dataset folder {r}, and codseg never writes '
-                            'into its inputs. Fix: pass a folder outside it, e.g. /kaggle/working/cache.')
+            raise DataError(f'--cache-dir {cfg.cache_dir} is inside the dataset folder {r}, and codseg never '
+                            'writes into its inputs. Fix: pass a folder outside it, e.g. /kaggle/working/cache.')
 
 def cache_data(cfg: Config, found: Found, datasets: list) -> str:
-    "Make the missing entries of `datasets` in `cfg.cache_dir` (each process its share), attach them; a summary line."
+    "Make the missing entries of `datasets` in `cfg.cache_dir` (each process its share), attach them; a line."
     _outside_inputs(cfg, found)
     (rank, world), workers = _rank_world(), max(1, cfg.num_workers)
     made = sum(fill_cache(ds, cfg.cache_dir, workers=workers, rank=rank, world=world) for ds in datasets)
     if world > 1: torch.distributed.barrier()
     n = sum(use_cache(ds, cfg.cache_dir, workers) for ds in datasets)
     folder = cache_folder(cfg.cache_dir, datasets[0].transform)
-    others = sorted(d.name for d in folder.parent.iterdir() if d.is_dir() and d != folder) if folder.parent.is_dir() else []
+    kept = folder.parent.iterdir() if folder.parent.is_dir() else []
+    others = sorted(d.name for d in kept if d.is_dir() and d != folder)
     who = ' by this process' if world > 1 else ''
     return (f'  cache: {folder}: {n} of {sum(map(len, datasets))} pairs ({made} made now{who})'
             + (f"; other sizes there: {', '.join(others)}" if others else ''))

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import os, random, warnings
 from dataclasses import dataclass
-os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')  # no version check over the network (offline Kaggle sessions)
+os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')  # no version check online (offline Kaggle sessions)
 import albumentations as A
 import cv2, numpy as np, torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -35,7 +35,7 @@ def eval_transform(size: int, mean, std) -> A.Compose:
 
 # %% ../nbs/02_data.ipynb #c7cbd483
 def split_normalize(transform) -> tuple:
-    "(the steps before a final standard `A.Normalize`, a function doing it uint8 HWC -> float32 CHW), else (transform, None)."
+    "(steps, CHW normaliser): `transform` split before a final standard `A.Normalize`; else (transform, None)."
     steps = list(getattr(transform, 'transforms', []))
     n = steps[-1] if steps else None
     if not (isinstance(n, A.Normalize) and n.normalization == 'standard' and n.p == 1): return transform, None
@@ -43,7 +43,8 @@ def split_normalize(transform) -> tuple:
     inv_std = np.reciprocal(np.array(n.std, np.float32).reshape(-1, 1) * np.float32(n.max_pixel_value))
     luts = (np.arange(256, dtype=np.float32) - mean) * inv_std  # one lookup table per channel
     def normalize(img: np.ndarray) -> np.ndarray:
-        if img.dtype != np.uint8 or img.ndim != 3: return np.ascontiguousarray(n(image=img)['image'].transpose(2, 0, 1))
+        if img.dtype != np.uint8 or img.ndim != 3:  # albumentations' own way
+            return np.ascontiguousarray(n(image=img)['image'].transpose(2, 0, 1))
         out = np.empty((img.shape[2], *img.shape[:2]), np.float32)
         for c, plane in enumerate(cv2.split(img)): cv2.LUT(plane, luts[c % len(luts)], dst=out[c])
         return out
@@ -58,22 +59,22 @@ def item_rngs(seed: int, epoch: int, index: int) -> tuple[np.random.Generator, r
 def _mismatch(p: Pair, size, mask: np.ndarray) -> DataError:
     "The error for pair `p` whose image is `size` (H, W) but whose mask is another size."
     return DataError(f'size mismatch: image {p.image} is {size[1]}x{size[0]} (WxH) but its mask {p.mask} is '
-                     f'{mask.shape[1]}x{mask.shape[0]}. Fix: replace the mask with one of the image size, remove the '
-                     'pair, or pass --skip-bad.')
+                     f'{mask.shape[1]}x{mask.shape[0]}. Fix: replace the mask with one of the image size, '
+                     'remove the pair, or pass --skip-bad.')
 
 class SegDataset(Dataset):
     "Image/mask pairs as normalised tensors, augmented as a pure function of (seed, epoch, index)."
     def __init__(self, pairs: list[Pair], transform: A.Compose, seed: int = Config.seed,
-                 skip_bad: bool = Config.skip_bad):  # skip_bad: load the next pair instead of a bad one (warned once)
+                 skip_bad: bool = Config.skip_bad):  # skip_bad: the next pair instead of a bad one (warned once)
         self.pairs, self.transform, self.seed, self.skip_bad = list(pairs), transform, seed, skip_bad
         self.warned = set()  # indices of bad pairs already warned about
         self.entries = [None] * len(self.pairs)  # cache entry of each pair, when one exists (`use_cache`)
-        self._split = (None,)  # (transform, its steps before normalising, the CHW normaliser): `split_normalize`
+        self._split = (None,)  # (transform, its steps before normalising, CHW normaliser): `split_normalize`
 
     def __len__(self): return len(self.pairs)
 
     def read(self, i: int, small: bool) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
-        "Image, mask and original (H, W) of pair `i`; with `small`, a JPEG decoded as small as the transform allows."
+        "Image, mask and original (H, W) of pair `i`; with `small`, a JPEG decoded as small as allowed."
         p = self.pairs[i]
         buf = read_bytes(p.image)
         hw = jpeg_size(buf) if small else None
@@ -89,14 +90,14 @@ class SegDataset(Dataset):
         return self.read(i, small=False)[:2]
 
     def load_small(self, i: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
-        "Image and mask of pair `i` as small as the transform allows (from the cache when it has them), original (H, W)."
+        "Image and mask of pair `i` as small as allowed (from the cache if there), original (H, W)."
         if self.entries[i] is not None:
             try: return read_entry(self.entries[i])
             except (OSError, ValueError): self.entries[i] = None  # a damaged entry: the original instead
         return self.read(i, small=True)
 
     def _load_good(self, index: int, fetch=None) -> tuple:
-        "Pair `index` by `fetch` (default `load`); with skip_bad, the next loadable pair instead of a bad one."
+        "Pair `index` by `fetch` (default `load`); with skip_bad the next loadable pair instead of a bad one."
         fetch = fetch or self.load
         for k in range(len(self)):
             j = (index + k) % len(self)
@@ -111,7 +112,8 @@ class SegDataset(Dataset):
     def __getitem__(self, i) -> dict:
         index, epoch = (int(i[0]), int(i[1])) if isinstance(i, (tuple, list)) else (int(i), 0)
         j, img, mask, size = self._load_good(index, self.load_small)
-        if self._split[0] is not self.transform: self._split = (self.transform, *split_normalize(self.transform))
+        if self._split[0] is not self.transform:
+            self._split = (self.transform, *split_normalize(self.transform))
         _, steps, normalize = self._split
         steps.set_random_state(*item_rngs(self.seed, epoch, index))
         out = steps(image=img, mask=mask)
@@ -121,13 +123,14 @@ class SegDataset(Dataset):
 
 # %% ../nbs/02_data.ipynb #c5049367
 class EpochSampler(DistributedSampler):
-    "A DistributedSampler yielding `(index, epoch)`: shuffled and padded for training, in order and exact for validation."
+    "A DistributedSampler of `(index, epoch)`: shuffled, padded for training; in order, exact for validation."
     def __init__(self, n: int, shuffle: bool, seed: int, rank=0, world_size=1, pad=True):
-        super().__init__(range(n), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        super().__init__(range(n), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=False)
         self.n, self.pad, self.start = n, pad, 0
         if not pad: self.num_samples, self.total_size = len(range(rank, n, world_size)), n
 
-    def set_epoch(self, epoch: int, start: int = 0):  # start: items of this epoch already done (a mid-epoch resume)
+    def set_epoch(self, epoch: int, start: int = 0):  # start: items of this epoch done (a mid-epoch resume)
         "Draw epoch `epoch`'s order, beginning after its first `start` items."
         super().set_epoch(epoch)
         self.start = start
@@ -153,7 +156,7 @@ def _cv2_before_fork():
 
 def _cv2_after_fork(): cv2.setNumThreads(_CV2_THREADS.pop())
 
-if hasattr(os, 'register_at_fork') and not getattr(cv2, '_codseg_fork_safe', False):  # once, even if re-imported
+if hasattr(os, 'register_at_fork') and not getattr(cv2, '_codseg_fork_safe', False):  # once, even re-imported
     os.register_at_fork(before=_cv2_before_fork, after_in_parent=_cv2_after_fork)
     cv2._codseg_fork_safe = True
 
@@ -170,7 +173,8 @@ def make_loader(ds: Dataset, batch_size: int, *, train: bool, num_workers: int, 
     sampler = EpochSampler(len(ds), shuffle=train, seed=seed, rank=rank, world_size=world_size, pad=train)
     g = torch.Generator()
     g.manual_seed(seed)
-    workers = dict(persistent_workers=True, prefetch_factor=4, worker_init_fn=seed_worker) if num_workers > 0 else {}
+    workers = dict(persistent_workers=True, prefetch_factor=4, worker_init_fn=seed_worker)
+    workers = workers if num_workers else {}
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=False,
                       pin_memory=torch.cuda.is_available(), generator=g, **workers)
 
@@ -185,7 +189,8 @@ class Data:
 
 def _summary(cfg: Config, found: Found, train, val, skipped: list[str]) -> str:
     "A few lines on the data of a run."
-    how = f'--val-path {cfg.val_path}' if cfg.val_path else f'{cfg.val_fraction:.0%} of train held out, seed {cfg.seed}'
+    held = f'{cfg.val_fraction:.0%} of train held out, seed {cfg.seed}'
+    how = f'--val-path {cfg.val_path}' if cfg.val_path else held
     lines = [f'data: {found.layout} at {found.root}', f'  train {len(train)}, validation {len(val)} ({how})']
     if found.noncam:
         counts = ', '.join(f'{k} {v}' for k, v in found.noncam.items())
@@ -199,7 +204,8 @@ def _summary(cfg: Config, found: Found, train, val, skipped: list[str]) -> str:
     if skipped or miss:
         first = f'; first: {skipped[0]}' if skipped else ' (images without masks)'
         lines.append(f'  --skip-bad: left out {len(skipped) + miss} bad pair(s){first}')
-    if found.problems: lines.append(f'  {len(found.problems)} naming problem(s): codseg data-check lists them')
+    if found.problems:
+        lines.append(f'  {len(found.problems)} naming problem(s): codseg data-check lists them')
     return '\n'.join(lines)
 
 def build_data(cfg: Config, mean, std) -> Data:

@@ -16,7 +16,7 @@ __all__ = ['FIX', 'DataError', 'is_jpeg', 'damage', 'file_damage', 'read_bytes',
 # %% ../nbs/00a_image.ipynb #17537d01
 class DataError(ValueError):
     "A problem with the data on disk or a data flag; the message names the file or flag and the fix."
-    def __init__(self, msg: str = ''):  # from a DataLoader worker it arrives as that worker's traceback: keep its message
+    def __init__(self, msg: str = ''):  # from a DataLoader worker it comes as its traceback: keep the message
         super().__init__(msg.rstrip().rpartition('DataError: ')[2] if 'Original Traceback' in msg else msg)
 
 FIX = 'Fix: replace or re-save the file, remove the pair, or pass --skip-bad to leave such pairs out.'
@@ -32,7 +32,7 @@ def is_jpeg(buf: np.ndarray) -> bool:
     return buf.size > 2 and buf[0] == 0xFF and buf[1] == 0xD8
 
 def _jpeg_ends(buf: np.ndarray) -> bool:
-    "Whether JPEG bytes `buf` reach their end marker (FFD9), walking the segments; bytes after it are allowed."
+    "Whether JPEG bytes `buf` reach their end marker FFD9, walking the segments; bytes after it are allowed."
     i, n = 2, buf.size
     while i + 1 < n:
         if buf[i] != 0xFF: return False  # not at a marker: the data stops or is damaged
@@ -43,7 +43,7 @@ def _jpeg_ends(buf: np.ndarray) -> bool:
             continue
         if i + 3 >= n: return False
         i += 2 + (int(buf[i + 2]) << 8 | int(buf[i + 3]))
-        if m == 0xDA:  # a scan's entropy-coded data: up to the next FF that is not stuffing (FF00) or a restart
+        if m == 0xDA:  # a scan's entropy-coded data: up to the next FF that is no stuffing (FF00) or restart
             ff = i + np.flatnonzero(buf[i:n - 1] == 0xFF)
             nxt = buf[ff + 1]
             hit = ff[(nxt != 0) & (nxt != 0xFF) & ((nxt < 0xD0) | (nxt > 0xD7))]
@@ -52,13 +52,14 @@ def _jpeg_ends(buf: np.ndarray) -> bool:
     return False
 
 def _png_fault(buf: np.ndarray, crc: bool) -> str | None:
-    "What stops PNG bytes `buf` from decoding whole: chunks cut short, no IEND, a critical chunk's bad CRC (`crc`)."
+    "Why PNG bytes `buf` cannot decode whole: chunks cut short, no IEND, a critical chunk's bad CRC (`crc`)."
     mv, i, n = memoryview(buf), 8, buf.size
     while i + 12 <= n:
         size, kind = int.from_bytes(mv[i:i + 4], 'big'), bytes(mv[i + 4:i + 8])
         end = i + 12 + size
         if end > n: break
-        if crc and kind[:1].isupper() and zlib.crc32(mv[i + 4:end - 4]) != int.from_bytes(mv[end - 4:end], 'big'):
+        stored = int.from_bytes(mv[end - 4:end], 'big')
+        if crc and kind[:1].isupper() and zlib.crc32(mv[i + 4:end - 4]) != stored:
             return f'damaged: its {kind.decode("latin-1")} chunk fails its checksum'
         if kind == b'IEND': return None
         i = end
@@ -72,7 +73,7 @@ def damage(buf: np.ndarray, crc: bool = True) -> str | None:
     return _png_fault(buf, crc) if buf[:8].tobytes() == _PNG_SIG else None
 
 def file_damage(path) -> str | None:
-    "`damage` of image file `path` without checksums; only its first and last bytes are read when they are whole."
+    "`damage` of image file `path` without checksums; only its first and last bytes read if they are whole."
     with open(path, 'rb') as f:
         head, n = f.read(8), os.fstat(f.fileno()).st_size
         f.seek(max(0, n - 12))
@@ -133,14 +134,15 @@ def read_mask(path) -> np.ndarray:
 
 # %% ../nbs/00a_image.ipynb #fbb584a2
 def image_size(path, decode: bool = False) -> tuple[int, int]:
-    "(width, height) of image file `path` from its header once its end is checked, or by decoding it; else DataError."
+    "(width, height) of image file `path` from its header once its end is checked, or by decoding it."
     if decode:
         h, w = read_image(path).shape[:2]
         return w, h
     try:
         with Image.open(path) as im: w, h = im.size
         why = file_damage(path)
-    except Exception as e: raise DataError(f'unreadable file {path} ({type(e).__name__}: {e}). {FIX}') from None
+    except Exception as e:
+        raise DataError(f'unreadable file {path} ({type(e).__name__}: {e}). {FIX}') from None
     if why: raise DataError(f'damaged image {path} ({why}). {FIX}')
     return w, h
 
@@ -161,7 +163,7 @@ def shrink_mask(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     (H, W), (h, w) = mask.shape, hw
     if (H, W) == (h, w): return mask
     f = -(-H // h)
-    if -(-W // w) == f and -(-H // f) == h and -(-W // f) == w:  # a 1/f size (reduced JPEG): pad to the fast path
+    if -(-W // w) == f and -(-H // f) == h and -(-W // f) == w:  # 1/f of a reduced JPEG: padded, fast
         mask = cv2.copyMakeBorder(mask, 0, f * h - H, 0, f * w - W, cv2.BORDER_REPLICATE)
     small = cv2.resize(mask * np.uint8(255), (w, h), interpolation=cv2.INTER_AREA)
     return cv2.threshold(small, 127, 1, cv2.THRESH_BINARY)[1]
