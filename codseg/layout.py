@@ -37,8 +37,7 @@ LAYOUT_HELP = ("COD10K-v3 (Train/Image + Train/GT_Object, Test/...), a SINet pac
                "TestDataset/<NAME>/{Imgs,GT}), CAMO (Images/Train|Test + GT), "
                "images/{train,test} + gts/{train,test}, "
                "Train_Image + Train_GT (+ Test_...), an archive of one of these, or an images folder beside a "
-               "masks "
-               f"folder (image folders: {', '.join(IMAGE_DIRS)}; mask folders: {', '.join(MASK_DIRS)})")
+               f"masks folder (image folders: {', '.join(IMAGE_DIRS)}; mask folders: {', '.join(MASK_DIRS)})")
 
 # %% ../nbs/01_layout.ipynb #fbc9f101
 def _entries(d: Path):
@@ -321,8 +320,7 @@ def _describe(parts: list[str], split: str | None, pairs: list[Pair]) -> tuple[s
         return name, False, f'{what}: trained on'
     if known:  # COD10K or CAMO images with no Train/Test folder: the test set distributed on its own
         return known, True, (f'{known} images with no Train/Test split, taken as its test set: evaluated, '
-                             'never '
-                             'trained on')
+                             'never trained on')
     return base, False, 'an image/mask folder pair that is no known test set: trained on'
 
 # %% ../nbs/01_layout.ipynb #e13203fa
@@ -384,9 +382,7 @@ def assign_roles(sets: dict, train_sets=None, test_sets=None, val_set=None, allo
         raise DataError(f"{', '.join(bad)} {'is a test set' if len(bad) == 1 else 'are test sets'} of the field "
                         f"({why[bad[0]]}): training or validating on it makes every reported number "
                         'invalid. Fix: leave it out of --train-sets/--val-path, or pass --allow-test-training to '
-                        'do '
-                        'it '
-                        'anyway (the run is then flagged as trained on test data).')
+                        'do it anyway (the run is then flagged as trained on test data).')
     for k in tr + va:
         if sets[k].recognised: sets[k].reason += ' with --allow-test-training: A RECOGNISED TEST SET, flagged'
 
@@ -448,8 +444,7 @@ def _archives(root: Path, extract_dir, notes: list[str]) -> list[tuple[Path, lis
     xd = Path(extract_dir or default_extract_dir()).expanduser().resolve()
     if xd == root.resolve() or root.resolve() in xd.parents:
         raise DataError(f'--extract-dir {xd} is inside the input folder {root}, and codseg never writes into '
-                        'its '
-                        'inputs. '
+                        'its inputs. '
                         'Fix: pass a folder outside it (on Kaggle, e.g. /kaggle/temp/codseg-extract).')
     for a in arcs:
         stem, marker = ARCHIVE_RE.sub('', a.name), _target(a, xd)/'.codseg-extracted'
@@ -541,8 +536,7 @@ def _no_missing(found: Found, splits, skip_bad: bool, flag='--dataset-path'):
         raise DataError(f"{len(miss)} image(s) have no mask, e.g. {miss[0]} (looked for a mask named "
                         f"{miss[0].stem}"
                         f"{{{','.join(IMAGE_EXTS)}}} in the mask folder beside it). Fix: add the masks, remove "
-                        "those "
-                        f"images, or pass --skip-bad to leave them out.")
+                        f"those images, or pass --skip-bad to leave them out.")
 
 def _is_set_name(cfg: Config) -> bool:
     "Whether `cfg.val_path` names a set of the dataset rather than a folder."
@@ -564,11 +558,9 @@ def _val_pairs(cfg: Config, found: Found) -> list[Pair]:
     sets = [s for s in vf.sets.values() if s.role == 'test'] or [s for s in vf.sets.values() if s.role == 'train']
     if (rec := [s.name for s in sets if s.recognised]) and not cfg.allow_test_training:
         raise DataError(f"--val-path {cfg.val_path} holds {', '.join(rec)}, a test set of the field: validating "
-                        "on "
-                        "it "
+                        "on it "
                         'selects the model on test data. Fix: validate on a held-out fraction of training (no '
-                        '--val-path), '
-                        'or pass --allow-test-training to do it anyway (the run is then flagged).')
+                        '--val-path), or pass --allow-test-training to do it anyway (the run is then flagged).')
     _no_missing(vf, [s.name for s in sets] + ['train'], cfg.skip_bad)
     for s in sets:
         found.sets[f'val:{s.name}'] = replace(s, role='val', reason=f'--val-path {cfg.val_path}' + (
@@ -582,9 +574,7 @@ def train_val_pairs(cfg: Config) -> tuple[list[Pair], list[Pair], Found]:
     if not found.train:
         raise DataError(f'no training images in {found.root} (layout {found.layout}; sets {found.roles()}'
                         + ''.join(f'; {a}' for a in found.archives) + '). Fix: point --dataset-path at a '
-                        'dataset '
-                        'with '
-                        'a training split, or name one with --train-sets.')
+                        'dataset with a training split, or name one with --train-sets.')
     if cfg.val_path: train, val = found.train, _val_pairs(cfg, found)
     else: train, val = split_train_val(found.train, cfg.val_fraction, cfg.seed)
     if both := {p.name for p in train} & {p.name for p in val}:
@@ -696,8 +686,7 @@ def data_check_cli(argv=None) -> int:
     p = argparse.ArgumentParser(prog='codseg data-check', description='Show what a dataset path holds: layout, '
                                 'counts '
                                 'per split and test set, each set\'s role and why, CAM/NonCAM, the validation '
-                                'split, '
-                                'and problems; trains nothing.')
+                                'split, and problems; trains nothing.')
     add_args(p, DATA_CHECK_FIELDS)
     p.add_argument('--decode', action='store_true',
                    help='decode every image and mask (slower) instead of reading headers and ends')
