@@ -59,8 +59,8 @@ def data(tmp_path_factory):
 def ckpt(data, tmp_path_factory):
     "A tiny checkpoint trained with --skip-bad on the damaged dataset."
     out = tmp_path_factory.mktemp('run')
-    assert main(['train', '--dataset-path', str(data[0]), *TINY, '--epochs', '2', '--stage1-epochs', '1',
-                 '--checkpoint-dir', str(out), '--skip-bad']) == 0
+    assert main(['train', '--dataset-path', str(data[0]), *TINY, '--epochs', '1', '--stage1-epochs', '1',
+                 '--num-workers', '0', '--checkpoint-dir', str(out), '--skip-bad']) == 0
     return out/'best_model.pth'
 
 
@@ -88,7 +88,7 @@ def test_a_file_damaged_inside_stops_in_the_worker_with_one_line(data, tmp_path,
     shutil.copytree(data[0], d)
     for f in data[1].values(): (d/f.relative_to(data[0])).unlink()
     png = hurt(d/'Train'/'Image'/f'{STEM}07.png')
-    args = ['train', '--dataset-path', d, *TINY, '--epochs', '2', '--stage1-epochs', '1']
+    args = ['train', '--dataset-path', d, *TINY, '--epochs', '1', '--stage1-epochs', '1']
     rc, _, err = cli(capfd, *args, '--checkpoint-dir', tmp_path/'run')
     assert rc == 1 and one_line_naming(err, png) and 'fails its checksum' in err, err
     rc, _, err = cli(capfd, *args, '--checkpoint-dir', tmp_path/'run2', '--skip-bad')
@@ -113,7 +113,7 @@ def test_predict_accepts_skip_bad(data, ckpt, tmp_path, capfd):
     args = ['predict', '--checkpoint', ckpt, '--input', ins, '--device', 'cpu', '--num-workers', '1']
     rc, _, err = cli(capfd, *args, '--output', tmp_path/'a')
     assert rc == 1 and one_line_naming(err, ins/bad['test_jpg'].name) and not (tmp_path/'a').exists(), err
-    rc, out, err = cli(capfd, *args, '--output', tmp_path/'b', '--skip-bad')
+    rc, out, err = cli(capfd, *args, '--output', tmp_path/'b', '--skip-bad', '--num-workers', '0')
     assert rc == 0 and 'left out 2 bad image(s)' in out and 'WARN' not in err
     assert sorted(p.stem for p in (tmp_path/'b').glob('*.png')) == sorted(p.stem for p in ins.glob('*.png')
                                                                          if p.name != bad['test_png'].name)
@@ -121,7 +121,7 @@ def test_predict_accepts_skip_bad(data, ckpt, tmp_path, capfd):
     png = hurt(next(ins.glob('*.png')))  # damaged inside: met in the worker without --skip-bad, decoded first with it
     rc, _, err = cli(capfd, *args, '--output', tmp_path/'c')
     assert rc == 1 and one_line_naming(err, png), err
-    rc, out, err = cli(capfd, *args, '--output', tmp_path/'d', '--skip-bad')
+    rc, out, err = cli(capfd, *args, '--output', tmp_path/'d', '--skip-bad', '--num-workers', '0')
     assert rc == 0 and 'left out 1 bad image(s)' in out and 'WARN' not in err
 
 
