@@ -11,7 +11,8 @@ import albumentations as A
 import cv2, numpy as np, torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from .config import Config
-from .image import DataError, read_bytes, jpeg_size, decode_image, read_mask, reduce_factor, shrink_mask
+from .image import (DataError, read_bytes, jpeg_size, decode_image, read_mask, reduce_factor, shrink_mask,
+                          size_mismatch)
 from .layout import Found, Pair, check_pairs, train_val_pairs
 from .cache import input_scale, read_entry, cache_data
 
@@ -58,9 +59,7 @@ def item_rngs(seed: int, epoch: int, index: int) -> tuple[np.random.Generator, r
 
 def _mismatch(p: Pair, size, mask: np.ndarray) -> DataError:
     "The error for pair `p` whose image is `size` (H, W) but whose mask is another size."
-    return DataError(f'size mismatch: image {p.image} is {size[1]}x{size[0]} (WxH) but its mask {p.mask} is '
-                     f'{mask.shape[1]}x{mask.shape[0]}. Fix: replace the mask with one of the image size, '
-                     'remove the pair, or pass --skip-bad.')
+    return DataError(size_mismatch(p.image, p.mask, size[::-1], mask.shape[::-1]))
 
 class SegDataset(Dataset):
     "Image/mask pairs as normalised tensors, augmented as a pure function of (seed, epoch, index)."

@@ -11,7 +11,7 @@ from PIL import Image
 
 # %% auto #0
 __all__ = ['FIX', 'DataError', 'is_jpeg', 'damage', 'file_damage', 'read_bytes', 'jpeg_size', 'decode_image', 'read_image',
-           'read_mask', 'image_size', 'check_images', 'reduce_factor', 'shrink_mask']
+           'read_mask', 'image_size', 'size_mismatch', 'check_images', 'reduce_factor', 'shrink_mask']
 
 # %% ../nbs/00a_image.ipynb #17537d01
 class DataError(ValueError):
@@ -145,6 +145,12 @@ def image_size(path, decode: bool = False) -> tuple[int, int]:
         raise DataError(f'unreadable file {path} ({type(e).__name__}: {e}). {FIX}') from None
     if why: raise DataError(f'damaged image {path} ({why}). {FIX}')
     return w, h
+
+def size_mismatch(image, mask, image_wh, mask_wh) -> str:
+    "The message for `image` whose `mask` has another size (sizes as (width, height))."
+    return (f'size mismatch: image {image} is {image_wh[0]}x{image_wh[1]} (WxH) but its mask {mask} is '
+            f'{mask_wh[0]}x{mask_wh[1]}. Fix: replace the mask with one of the image size, remove the pair, or pass '
+            '--skip-bad.')
 
 def check_images(paths, decode: bool = False, workers: int = 8) -> list[str | None]:
     "What is wrong with each image file of `paths` (unreadable, truncated, damaged), or None; in threads."

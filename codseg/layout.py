@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from .config import Config, add_args, from_args
-from .image import DataError, FIX, image_size
+from .image import DataError, FIX, image_size, size_mismatch
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'IMAGE_DIRS', 'MASK_DIRS', 'MASK_SUFFIXES', 'SPLIT_DIRS', 'SINET_TRAIN', 'SINET_TEST', 'ARCHIVE_EXTS',
@@ -593,11 +593,7 @@ def _check(pair: Pair, decode: bool) -> str | None:
         if pair.mask is None: return None
         wm = image_size(pair.mask, decode)
     except DataError as e: return str(e)
-    if ws != wm:
-        return (f'size mismatch: image {pair.image} is {ws[0]}x{ws[1]} (WxH) but its mask {pair.mask} is '
-                f'{wm[0]}x{wm[1]}. Fix: replace the mask with one of the image size, remove the pair, or pass '
-                '--skip-bad.')
-    return None
+    return size_mismatch(pair.image, pair.mask, ws, wm) if ws != wm else None
 
 def check_pairs(pairs: list[Pair], *, skip_bad: bool, decode=False, workers=8) -> tuple[list[Pair], list[str]]:
     "The readable, size-consistent pairs and a message per bad pair; stops at bad pairs unless `skip_bad`."
