@@ -25,7 +25,7 @@ class Config:
     val_path: Optional[str] = None  # a separate validation set; default: a seeded held-out fraction of train
     val_fraction: float = 0.1  # fraction of train held out for validation when --val-path is not given
     include_noncam: bool = False  # keep COD10K NonCAM images (the COD protocol leaves them out)
-    skip_bad: bool = False  # skip and report bad image/mask pairs instead of stopping
+    skip_bad: bool = False  # leave out and report bad images or masks instead of stopping
     img_size: int = 384  # square training and evaluation size, pixels
     num_workers: int = 4  # DataLoader worker processes
     cache_dir: Optional[str] = None  # folder for a resized-image cache reused across sessions

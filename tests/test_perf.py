@@ -5,8 +5,9 @@ from dataclasses import replace
 from pathlib import Path
 import cv2, numpy as np, pytest, torch
 from codseg.config import Config
-from codseg.data import (SegDataset, build_data, eval_transform, train_transform, read_image, jpeg_size, read_bytes,
-                         input_scale, reduce_factor, DataError)
+from codseg.data import SegDataset, build_data, eval_transform, train_transform
+from codseg.image import DataError, read_image, jpeg_size, read_bytes, reduce_factor
+from codseg.cache import input_scale
 from codseg.layout import Pair
 from codseg.synthetic import make_scene
 
@@ -195,7 +196,7 @@ def test_workers_start_after_the_parent_used_opencv_threads():
 
 def test_cache_shares_under_ddp(cod, tmp_path):
     "Each process makes the entries of items rank, rank + world, ...; together they make every entry once."
-    from codseg.data import fill_cache, use_cache
+    from codseg.cache import fill_cache, use_cache
     ds = build_data(Config(dataset_path=str(cod), img_size=64), MEAN, STD).train_ds
     made = [fill_cache(ds, tmp_path, workers=1, rank=r, world=3) for r in range(3)]
     assert made == [len(range(r, len(ds), 3)) for r in range(3)] and use_cache(ds, tmp_path, 1) == len(ds)
