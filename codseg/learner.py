@@ -246,7 +246,7 @@ class ProgressCB(Callback):
     "A progress bar over each epoch's training batches with the running loss; plain lines when nobody watches live."
     order = 50
     def __init__(self, disable=None,  # None: a bar when interactive, else plain lines; True: nothing
-                 every=60.0, say=print):  # plain mode: seconds between lines at most (and every 10% of the epoch)
+                 every=60.0, say=partial(print, flush=True)):  # plain mode: seconds between lines at most (and every 10% of the epoch)
         self.disable, self.every, self.say, self.bar = disable, every, say, None
     def before_train(self, learn):
         self.plain = self.disable is None and not _interactive()
@@ -267,7 +267,7 @@ class ProgressCB(Callback):
         if not self.plain or not (i - self.last >= n / 10 or now - self.shown >= self.every or i == n): return
         rate, left = self.items / max(now - self.t0, 1e-9), (n - i) * (now - self.t0) / max(i - self.n0, 1)
         self.say(f'  epoch {learn.epoch + 1}: batch {i}/{n} ({100 * i / n:.0f}%), step {learn.step_idx + 1} | '
-                 f'{rate:.1f} items/s | ETA {int(left // 60)}m{int(left % 60):02d}s | loss {loss:.4f}', flush=True)
+                 f'{rate:.1f} items/s | ETA {int(left // 60)}m{int(left % 60):02d}s | loss {loss:.4f}')
         self.shown, self.last = now, i
     after_cancel_step = after_step
     def after_train(self, learn):

@@ -245,7 +245,7 @@ class StopSignalCB(Callback):
     order = 90
     def __init__(self, state, out_dir, metrics, ema=None, say=print):  # out_dir None: not the writing process
         self.state, self.out, self.metrics, self.ema, self.say = state, out_dir and Path(out_dir), metrics, ema, say
-        self.signum = 0
+        self.signum, self.old = 0, {}
     def before_fit(self, learn):
         self.old = {}
         try:
@@ -378,10 +378,10 @@ def make_learner(run: Run, extra_cbs=()):
     state = RunState(cfg, plan.to_dict(), ck['history'] if ck else (), ck['best_iou'] if ck else -1.0, ck['best_epoch'] if ck else 0)
     out = Path(cfg.checkpoint_dir) if dist.main else None
     epoch, skip = run.start
-    metrics, guard = MetricsCB(SegMeter(), ck and skip and ck.get('loss_sum')), GradGuardCB(cfg.grad_clip)
+    metrics, guard = MetricsCB(SegMeter(), ck.get('loss_sum') if ck and skip else None), GradGuardCB(cfg.grad_clip)
     ema = EMACB(model, cfg.ema_decay, ck and ck.get('ema')) if cfg.ema else None
     dtype = run.precision[0]
-    cbs = [StageCB(cfg, plan, loaders, dist), LRPlanCB(plan.lr), guard, metrics, ProgressCB(None if dist.main else True),
+    cbs = [StageCB(cfg, plan, loaders, dist), LRPlanCB(plan.lr), guard, metrics, ProgressCB(None if dist.main else True, say=run.say),
            HistoryCB(plan, out, run.say), WatchCB(run.say), StopSignalCB(state, out, metrics, ema, run.say),
            *([CheckpointCB(state, out, ema, run.say)] if out else []), *([AMPCB(dtype, ck and ck.get('scaler'))] if dtype else []),
            *([ema] if ema else []), *([ChannelsLastCB()] if cfg.channels_last else []),
