@@ -353,8 +353,9 @@ class Run:
 
 # %% ../nbs/10_train.ipynb #684d469e
 def quiet_worker(init, worker_id):
-    "A DataLoader worker's start: leave SIGINT and SIGTERM to the main process, which saves and stops; then `init`."
-    signal.signal(signal.SIGINT, signal.SIG_IGN); signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    "A DataLoader worker's start: leave a SIGINT or SIGTERM to the whole process group to the main process; then `init`."
+    os.setpgid(0, 0)  # its own group: a signal to the run's group (a kernel or session stopping) does not reach it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # SIGTERM keeps torch's handler: the main process can still end it
     if init is not None: init(worker_id)
 
 def make_learner(run: Run, extra_cbs=()):
