@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Literal, Optional
 
 # %% auto #0
-__all__ = ['Scheduler', 'Loss', 'DATA', 'MODEL', 'PLAN', 'TRAIN', 'Config', 'resolve', 'field_help', 'add_args', 'from_args',
-           'to_argv', 'to_dict', 'from_dict', 'save_config']
+__all__ = ['Scheduler', 'Loss', 'Precision', 'DATA', 'MODEL', 'PLAN', 'TRAIN', 'Config', 'resolve', 'field_help', 'add_args',
+           'from_args', 'to_argv', 'to_dict', 'from_dict', 'save_config']
 
 # %% ../nbs/00_config.ipynb #668c46e8
 Scheduler = Literal['onecycle', 'cosine', 'cosine_restart', 'none']
 Loss = Literal['structure', 'dice', 'bce']
+Precision = Literal['auto', 'bf16', 'fp16', 'fp32']
 
 @dataclass
 class Config:
@@ -66,7 +67,8 @@ class Config:
     progressive_unfreeze: bool = False  # unfreeze backbone stages gradually in Stage 2, deepest first
     weight_decay: float = 1e-4  # AdamW weight decay
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
-    amp: bool = True  # mixed precision on CUDA (--no-amp: full fp32)
+    amp: bool = True  # mixed precision on CUDA (--no-amp: full fp32, as --precision fp32)
+    precision: Precision = 'auto'  # auto: native bf16 (GPU 8.0+), else fp16 + grad scaler; fp32 on CPU
     ema: bool = False  # keep an EMA of the weights, used for validation and saved
     ema_decay: float = 0.999  # EMA decay per optimizer step
     loss: Loss = 'structure'  # structure (weighted BCE + weighted IoU), dice or bce
@@ -83,7 +85,8 @@ class Config:
 # %% ../nbs/00_config.ipynb #63f36cd3
 def resolve(cfg: Config) -> Config:
     "A copy with the derived defaults (`None` meaning 'same as') filled in."
-    return replace(cfg, stage2_lr=cfg.lr if cfg.stage2_lr is None else cfg.stage2_lr,
+    return replace(cfg, precision='fp32' if not cfg.amp else cfg.precision,
+                   stage2_lr=cfg.lr if cfg.stage2_lr is None else cfg.stage2_lr,
                    stage2_batch_size=cfg.batch_size if cfg.stage2_batch_size is None else cfg.stage2_batch_size)
 
 # %% ../nbs/00_config.ipynb #2972f57f

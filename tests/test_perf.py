@@ -168,7 +168,8 @@ def test_memory_benchmark_smoke():
 def test_trainer_overhead_benchmark_runs(capsys):
     import trainer_overhead
     trainer_overhead.main(['--img-size', '64', '--batch', '2', '--batches', '2', '--repeats', '1', '--device', 'cpu'])
-    assert re.fullmatch(r'trainer overhead: \d+\.\d+x', last_line(capsys))
+    m = re.fullmatch(r'trainer overhead: \d+\.\d+x \(host reads per step: (\d+\.\d+)\)', last_line(capsys))
+    assert m and float(m[1]) <= 1.0, m
 
 
 FORK_SCRIPT = '''
