@@ -154,3 +154,15 @@ def test_moe_benchmark_keeps_a_floor():
     assert m and float(m[1]) >= 1.0, r.stdout
     assert '(7 of 7 experts used)' in r.stdout, r.stdout  # the headline routing really spreads over every expert
     assert re.search(r'^moe speedup, malloc as it comes: \d+\.\dx$', r.stdout, re.M), r.stdout  # the default-malloc figure is shown too
+
+def test_channels_last_trains_and_matches():
+    "--channels-last: the model in channels_last memory format gives the same maps and trains (the experts' weights too)."
+    torch.manual_seed(0)
+    m = CODNet('edgenext_xx_small', 7, 2, pretrained=False).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(): want = m(x)['logits']
+    m = m.to(memory_format=torch.channels_last)
+    with torch.no_grad(): got = m(x.to(memory_format=torch.channels_last))['logits']
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    m.train()(x.to(memory_format=torch.channels_last))['logits'].mean().backward()
+    assert all(p.grad is not None for p in m.moe.parameters())
