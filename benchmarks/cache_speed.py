@@ -2,7 +2,7 @@
 
 One process with one thread (OpenCV and torch), as in one DataLoader worker, over COD10K-sized pairs made here
 (1152 x 864 JPEG quality 95 with PNG masks), training transform at `--img-size`. The cache is built first with
-`codseg.data.fill_cache` (timed: the one-off cost, paid in the first session). Then, per pair, side by side:
+`codseg.cache.fill_cache` (timed: the one-off cost, paid in the first session). Then, per pair, side by side:
 - full-size decode: `SegDataset.load` (the JPEG and its PNG mask decoded at full size, as without the cache);
 - cache read: `SegDataset.load_small` with the cache attached (one .npy entry at the working size, no decoding);
 - JPEG q95 + PNG at the working size (for the record: what a ten times smaller cache of re-encoded files costs);
@@ -17,7 +17,8 @@ from pathlib import Path
 import cv2, numpy as np, torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import MEAN, STD, image_bench_args, make_cod10k_like, side_by_side, machine
-from codseg.data import SegDataset, train_transform, fill_cache, use_cache, read_entry
+from codseg.data import SegDataset, train_transform
+from codseg.cache import fill_cache, use_cache, read_entry
 
 
 def main(argv=None):

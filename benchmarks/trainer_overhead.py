@@ -10,11 +10,14 @@ one batch per step, everything trainable (Stage 2), AMP as the trainer would use
   history, curves and checkpoint are not part of a step);
 - bare: `for x, y in batches: loss = loss_fn(model(x), y)[0]; loss.backward(); clip_grad_norm_(...); opt.step();
   opt.zero_grad()` under the same autocast.
-The two alternate, `--repeats` times; medians. Prints steps/s of each, then the figure last (codseg / bare):
+The two alternate, `--repeats` times; medians. One more codseg pass, untimed, counts the host reads (`Tensor.item`,
+`.tolist`, `.cpu`, `.numpy`, `bool()`/`float()`/`int()` of a tensor) per optimizer step in its batches and steps (data
+loading and the optimizer's host-side step counters aside): at most 1. Prints steps/s of each, then the figure last
+(codseg / bare) with the reads per step beside it:
 
     python benchmarks/trainer_overhead.py [--backbone edgenext_xx_small] [--img-size 128] [--batch 8] [--batches 6] [--repeats 5] [--threads N]
 """
-import argparse, copy, math, os, statistics, sys, tempfile, time
+import argparse, copy, math, os, statistics, sys, tempfile, time, traceback
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -42,13 +45,42 @@ class Clock(Callback):
         if not self.first: self.sync(); self.times.append(time.perf_counter() - Clock.t0)
 
 
+READS = ('item', 'tolist', 'cpu', 'numpy', '__bool__', '__float__', '__int__', '__index__')
+
+class ReadCounter(Callback):
+    "Count host reads inside the training batches and steps (on from before_batch/before_step, off after them)."
+    order = 10 ** 6  # its after_* run last; its before_* are wrapped to run first by `install`
+    def __init__(self): self.on, self.reads, self.steps = False, 0, 0
+    def begin(self, learn): self.on = learn.training
+    def after_batch(self, learn): self.on = False
+    after_cancel_batch = after_batch
+    def after_step(self, learn): self.on = False; self.steps += 1
+    after_cancel_step = after_step
+    def install(self, learn):
+        "Patch the tensor methods that read the device; returns a function that undoes it."
+        first = type('First', (Callback,), {'order': -10 ** 6, 'before_batch': lambda _, l: self.begin(l),
+                                            'before_step': lambda _, l: self.begin(l)})()
+        learn.add_cb(first); learn.add_cb(self)
+        old = {n: getattr(torch.Tensor, n) for n in READS}
+        def counting(f):
+            def g(t, *a, **k):
+                if self.on and '/torch/optim/' not in traceback.extract_stack(limit=2)[0].filename: self.reads += 1
+                return f(t, *a, **k)
+            return g
+        for n, f in old.items(): setattr(torch.Tensor, n, counting(f))
+        def undo():
+            for n, f in old.items(): setattr(torch.Tensor, n, f)
+            learn.cbs.remove(first); learn.cbs.remove(self)
+        return undo
+
+
 class Bare:
     "A plain PyTorch training loop: forward, loss, backward, clip, step, with the trainer's AMP choice."
     def __init__(self, model, cfg, device, sync):
         self.model, self.cfg, self.sync, self.dtype = model, cfg, sync, amp_dtype(device, cfg.amp)
         self.opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
         self.loss_fn = CODLoss(cfg.loss, aux_weight=cfg.aux_weight, balance_weight=cfg.balance_weight)
-        self.scaler = torch.amp.GradScaler('cuda', enabled=self.dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.auto = (lambda: torch.autocast(device.type, dtype=self.dtype)) if self.dtype else nullcontext
 
     def run(self, batches) -> float:
@@ -99,13 +131,16 @@ def main(argv=None):
             learn.fit(range(epoch + r, epoch + r + 1))
             bare.append(bare_loop.run(batches))
         codseg_s, bare_s = statistics.median(stop.times[1:]), statistics.median(bare[1:])
+        counter = ReadCounter(); undo = counter.install(learn)
+        try: learn.fit(range(epoch + a.repeats + 1, epoch + a.repeats + 2))  # untimed: the reads per step
+        finally: undo()
     if old_cache is None: os.environ.pop('CODSEG_CACHE')
     else: os.environ['CODSEG_CACHE'] = old_cache
     rate = {'codseg': a.batches / codseg_s, 'bare': a.batches / bare_s}
     print(f'{a.backbone} at {a.img_size} px, batch {a.batch}, {a.batches} steps a repeat, grad clip {cfg.grad_clip}, {dev}, '
           f'AMP {amp_dtype(dev, cfg.amp)}, torch threads {torch.get_num_threads()}, median of {a.repeats} interleaved repeats; {machine()}')
     for k, v in rate.items(): print(f'  {k:8s} {v:7.2f} steps/s ({1e3 / v:.0f} ms/step)')
-    print(f"trainer overhead: {rate['codseg'] / rate['bare']:.3f}x")
+    print(f"trainer overhead: {rate['codseg'] / rate['bare']:.3f}x (host reads per step: {counter.reads / counter.steps:.2f})")
 
 
 if __name__ == '__main__':

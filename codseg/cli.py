@@ -48,7 +48,7 @@ def predict_parser():
     p.add_argument('--masks', action='store_true', help='also write binary masks (0/255, threshold 0.5) to OUTPUT/masks')
     p.add_argument('--overlays', action='store_true', help='also write the images with the mask tinted to OUTPUT/overlays')
     p.add_argument('--tta', action='store_true', help='average horizontal flips at 3 scales (6 passes per image)')
-    add_args(p, ('img_size', 'batch_size', 'num_workers', 'device', 'amp'))
+    add_args(p, ('img_size', 'batch_size', 'num_workers', 'skip_bad', 'device', 'amp'))
     _default_from_checkpoint(p)
     return p
 

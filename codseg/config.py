@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Literal, Optional
 
 # %% auto #0
-__all__ = ['Scheduler', 'Loss', 'Monitor', 'DATA', 'MODEL', 'PLAN', 'TRACK', 'LOGGERS', 'TRAIN', 'Config', 'resolve',
+__all__ = ['Scheduler', 'Loss', 'Monitor', 'Precision', 'DATA', 'MODEL', 'PLAN', 'TRACK', 'LOGGERS', 'TRAIN', 'Config', 'resolve',
            'field_help', 'parse_loggers', 'add_args', 'from_args', 'to_argv', 'to_dict', 'from_dict', 'save_config']
 
 # %% ../nbs/00_config.ipynb #668c46e8
 Scheduler = Literal['onecycle', 'cosine', 'cosine_restart', 'none']
 Loss = Literal['structure', 'dice', 'bce']
 Monitor = Literal['iou', 'smeasure', 'mae', 'wfmeasure']
+Precision = Literal['auto', 'bf16', 'fp16', 'fp32']
 
 @dataclass
 class Config:
@@ -26,7 +27,7 @@ class Config:
     val_path: Optional[str] = None  # a separate validation set; default: a seeded held-out fraction of train
     val_fraction: float = 0.1  # fraction of train held out for validation when --val-path is not given
     include_noncam: bool = False  # keep COD10K NonCAM images (the COD protocol leaves them out)
-    skip_bad: bool = False  # skip and report bad image/mask pairs instead of stopping
+    skip_bad: bool = False  # leave out and report bad images or masks instead of stopping
     img_size: int = 384  # square training and evaluation size, pixels
     num_workers: int = 4  # DataLoader worker processes
     cache_dir: Optional[str] = None  # folder for a resized-image cache reused across sessions
@@ -67,7 +68,8 @@ class Config:
     progressive_unfreeze: bool = False  # unfreeze backbone stages gradually in Stage 2, deepest first
     weight_decay: float = 1e-4  # AdamW weight decay
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
-    amp: bool = True  # mixed precision on CUDA (--no-amp: full fp32)
+    amp: bool = True  # mixed precision on CUDA (--no-amp: full fp32, as --precision fp32)
+    precision: Precision = 'auto'  # auto: native bf16 (GPU 8.0+), else fp16 + grad scaler; fp32 on CPU
     ema: bool = False  # keep an EMA of the weights, used for validation and saved
     ema_decay: float = 0.999  # EMA decay per optimizer step
     loss: Loss = 'structure'  # structure (weighted BCE + weighted IoU), dice or bce
@@ -88,7 +90,8 @@ class Config:
 # %% ../nbs/00_config.ipynb #63f36cd3
 def resolve(cfg: Config) -> Config:
     "A copy with the derived defaults (`None` meaning 'same as') filled in."
-    return replace(cfg, stage2_lr=cfg.lr if cfg.stage2_lr is None else cfg.stage2_lr,
+    return replace(cfg, precision='fp32' if not cfg.amp else cfg.precision,
+                   stage2_lr=cfg.lr if cfg.stage2_lr is None else cfg.stage2_lr,
                    stage2_batch_size=cfg.batch_size if cfg.stage2_batch_size is None else cfg.stage2_batch_size)
 
 # %% ../nbs/00_config.ipynb #2972f57f
@@ -120,6 +123,7 @@ def parse_loggers(spec: str) -> tuple:
     if bad := [n for n in names if n not in LOGGERS]:
         raise ValueError(f"--logger {spec}: unknown logger {', '.join(bad)}; give a comma list of {', '.join(LOGGERS)}")
     return names or ('csv',)
+
 TRAIN = tuple(f.name for f in fields(Config) if f.name not in DATA + MODEL + PLAN)
 
 def _base_type(tp):

@@ -11,8 +11,9 @@ import cv2, numpy as np
 import torch, torch.nn.functional as F
 from torch.utils.data import DataLoader
 from .config import Config, resolve, add_args
-from .layout import DataError, Pair, is_image_file, discover, dataset_root, check_pairs
-from .data import SegDataset, eval_transform, seed_worker, read_image, read_mask
+from .image import DataError, read_image, read_mask, check_images
+from .layout import Pair, is_image_file, discover, dataset_root, check_pairs
+from .data import SegDataset, eval_transform, seed_worker
 from .metrics import SODMeter, to_uint8_map
 
 # %% auto #0
@@ -229,8 +230,18 @@ def overlay(img: np.ndarray, mask: np.ndarray, truth=None, alpha: float = 0.45) 
     return out
 
 # %% ../nbs/11_evaluate.ipynb #191b01fc
+def _readable(files: list[Path], input, skip_bad: bool, say) -> list[Path]:
+    "`files` less the unreadable, truncated or damaged ones (decoded with `skip_bad`); else a DataError names the first."
+    bad = {f: m for f, m in zip(files, check_images(files, decode=skip_bad)) if m}
+    first = next(iter(bad.values()), '')
+    if bad and not skip_bad: raise DataError(f'{len(bad)} bad image(s) in --input {input}. First: {first}')
+    if len(bad) == len(files): raise DataError(f'--skip-bad: no readable image in --input {input}; first: {first}')
+    if bad: say(f'--skip-bad: left out {len(bad)} bad image(s); first: {first}')
+    return [f for f in files if f not in bad]
+
 def predict(checkpoint, input, output, masks: bool = False, overlays: bool = False, tta: bool = False,
-            device=None, batch_size=None, num_workers=None, img_size=None, amp=None, say=print, progress=None) -> list[Path]:
+            device=None, batch_size=None, num_workers=None, img_size=None, amp=None, say=print, progress=None,
+            skip_bad: bool = False) -> list[Path]:  # skip_bad: leave out unreadable or truncated images, and say so
     "Write probability maps (and masks, overlays) of `checkpoint` for the images `input` names; returns the map paths."
     from tqdm.auto import tqdm
     from codseg.learner import amp_dtype as _amp
@@ -239,6 +250,7 @@ def predict(checkpoint, input, output, masks: bool = False, overlays: bool = Fal
     if (_inside(out, src) if Path(input).is_dir() else out.resolve() == src.resolve()):
         raise ValueError(f'--output {out} is the input folder {src} or inside it; codseg never writes into input folders: '
                          'pass another folder')
+    files = _readable(files, input, skip_bad, say)  # before anything heavy
     dev = pick_device(device or Config().device)
     model, ck_cfg = load_model(checkpoint, dev)
     cfg, bs = _settings(ck_cfg, src, device=device, num_workers=num_workers, amp=amp, img_size=img_size, batch_size=batch_size)
@@ -265,7 +277,7 @@ def predict_cli(argv=None) -> int:
     "Run `codseg predict` with flags `argv`; errors reach `codseg.cli.main`, which prints one line and sets the exit status."
     ns = predict_parser().parse_args(sys.argv[1:] if argv is None else argv)
     predict(ns.checkpoint, ns.input, ns.output, ns.masks, ns.overlays, ns.tta, ns.device, ns.batch_size,
-            ns.num_workers, ns.img_size, ns.amp)
+            ns.num_workers, ns.img_size, ns.amp, skip_bad=ns.skip_bad)
     return 0
 
 # %% ../nbs/11_evaluate.ipynb #5f1db839

@@ -10,40 +10,41 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from .config import Config, add_args, from_args
+from .image import DataError, FIX, image_size, size_mismatch
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'IMAGE_DIRS', 'MASK_DIRS', 'MASK_SUFFIXES', 'SPLIT_DIRS', 'SINET_TRAIN', 'SINET_TEST', 'ARCHIVE_EXTS',
-           'KNOWN_SETS', 'TEST_ONLY', 'LAYOUT_HELP', 'MAX_DEPTH', 'ARCHIVE_RE', 'FIX', 'DATA_CHECK_FIELDS', 'DataError',
-           'is_image_file', 'layout_of', 'kaggle_input_dir', 'is_archive', 'find_roots', 'find_archives',
-           'find_dataset_root', 'Pair', 'is_noncam', 'DataSet', 'Found', 'assign_roles', 'default_extract_dir',
-           'archive_summary', 'extract', 'discover', 'split_train_val', 'dataset_root', 'discover_cfg',
-           'train_val_pairs', 'train_size', 'check_pairs', 'check_json', 'data_check_cli']
+           'KNOWN_SETS', 'TEST_ONLY', 'LAYOUT_HELP', 'MAX_DEPTH', 'ARCHIVE_RE', 'DATA_CHECK_FIELDS', 'is_image_file',
+           'layout_of', 'kaggle_input_dir', 'is_archive', 'find_roots', 'find_archives', 'find_dataset_root', 'Pair',
+           'is_noncam', 'DataSet', 'Found', 'assign_roles', 'default_extract_dir', 'archive_summary', 'extract',
+           'discover', 'split_train_val', 'dataset_root', 'discover_cfg', 'train_val_pairs', 'train_size',
+           'check_pairs', 'check_json', 'data_check_cli']
 
 # %% ../nbs/01_layout.ipynb #efb28120
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')  # image and mask file extensions
 IMAGE_DIRS = ('image', 'images', 'imgs', 'img', 'jpegimages', 'rgb')  # image folder names, preferred first
-MASK_DIRS = ('gt_object', 'gt', 'gts', 'masks', 'mask', 'gt_objects', 'groundtruth', 'ground_truth', 'annotations',
+MASK_DIRS = ('gt_object', 'gt', 'gts', 'masks', 'mask', 'gt_objects', 'groundtruth', 'ground_truth',
+             'annotations',
              'labels')  # mask folder names, preferred first (COD10K's GT_Edge and GT_Instance are not masks)
 MASK_SUFFIXES = ('_mask', '-mask', '_gt', '-gt', '_label')  # tolerated endings of a mask's stem
 SPLIT_DIRS = ('train', 'test')  # split folders of the COD10K-v3 layout (lower-cased)
 SINET_TRAIN, SINET_TEST = ('traindataset', 'trainvaldataset'), ('testdataset',)  # SINet pack folders
-ARCHIVE_EXTS = ('.zip', '.tar', '.tar.gz', '.tgz', '.tar.bz2', '.tbz2', '.tar.xz', '.txz')  # archives looked into
+ARCHIVE_EXTS = ('.zip', '.tar', '.tar.gz', '.tgz', '.tar.bz2', '.tbz2', '.tar.xz', '.txz')  # archives read
 KNOWN_SETS = {'COD10K': r'cod10k[a-z0-9]*', 'CAMO': r'camo', 'NC4K': r'nc4k[a-z0-9]*',
               'CHAMELEON': r'chameleons?'}  # name -> the token in a folder name that says it
 TEST_ONLY = ('NC4K', 'CHAMELEON')  # sets the field only ever tests on
 LAYOUT_HELP = ("COD10K-v3 (Train/Image + Train/GT_Object, Test/...), a SINet pack (TrainDataset/{Imgs,GT}, "
-               "TestDataset/<NAME>/{Imgs,GT}), CAMO (Images/Train|Test + GT), images/{train,test} + gts/{train,test}, "
-               "Train_Image + Train_GT (+ Test_...), an archive of one of these, or an images folder beside a masks "
-               f"folder (image folders: {', '.join(IMAGE_DIRS)}; mask folders: {', '.join(MASK_DIRS)})")
-
-class DataError(ValueError):
-    "A problem with the data on disk or a data flag; the message names the file or flag and the fix."
+               "TestDataset/<NAME>/{Imgs,GT}), CAMO (Images/Train|Test + GT), "
+               "images/{train,test} + gts/{train,test}, "
+               "Train_Image + Train_GT (+ Test_...), an archive of one of these, or an images folder beside a "
+               f"masks folder (image folders: {', '.join(IMAGE_DIRS)}; mask folders: {', '.join(MASK_DIRS)})")
 
 # %% ../nbs/01_layout.ipynb #fbc9f101
 def _entries(d: Path):
     "The non-hidden entries of folder `d` as `os.DirEntry`s, sorted by name (empty if unreadable)."
     try:
-        with os.scandir(d) as it: return sorted((e for e in it if not e.name.startswith('.')), key=lambda e: e.name)
+        with os.scandir(d) as it:
+            return sorted((e for e in it if not e.name.startswith('.')), key=lambda e: e.name)
     except OSError: return []
 
 def _dirs(d: Path) -> list[Path]:
@@ -74,7 +75,7 @@ def _split_named(d: Path) -> dict[str, dict[str, Path]]:
     return {s: v for s, v in out.items() if len(v) == 2}
 
 def layout_of(d: Path) -> str | None:
-    "The layout folder `d` holds: 'SINet', 'COD10K-v3', 'CAMO', 'split-folders', 'Train_Image', 'folders', or None."
+    "The layout of folder `d`: 'SINet', 'COD10K-v3', 'CAMO', 'split-folders', 'Train_Image', 'folders' or None."
     kids = {p.name.lower(): p for p in _dirs(d)}
     if any(k in kids for k in SINET_TRAIN + SINET_TEST): return 'SINet'
     if any(k in kids and _image_mask_dirs(kids[k])[0] for k in SPLIT_DIRS): return 'COD10K-v3'
@@ -95,7 +96,8 @@ def _walk(base: Path, stop=lambda d: False, max_depth=MAX_DEPTH):
     "Folders below `base` (itself included), breadth first, not entering folders where `stop(d)`."
     todo = deque([(base, 0)])
     while todo:
-        d, depth = todo.popleft(); yield d
+        d, depth = todo.popleft()
+        yield d
         if depth < max_depth and not stop(d): todo.extend((c, depth + 1) for c in _dirs(d))
 
 def is_archive(name: str) -> bool:
@@ -138,11 +140,13 @@ def find_dataset_root(path=None, kaggle_input=None) -> Path:
     if path:
         p = Path(os.path.abspath(Path(path).expanduser()))
         if p.is_file() and is_archive(p.name): return p.parent
-        if p.is_file(): raise DataError(f"--dataset-path '{p}' is a file; it must be a folder holding {LAYOUT_HELP}.")
+        if p.is_file():
+            raise DataError(f"--dataset-path '{p}' is a file; it must be a folder holding {LAYOUT_HELP}.")
         if not p.is_dir():
             hits = [d for d in (_walk(kin) if kin.is_dir() else []) if d.name.lower() == p.name.lower()]
             if not hits: raise _not_found(p, kin)
-            p = max(hits, key=lambda d: (sum(a == b for a, b in zip(d.parts[::-1], p.parts[::-1])), -len(d.parts)))
+            def likeness(d): return sum(a == b for a, b in zip(d.parts[::-1], p.parts[::-1])), -len(d.parts)
+            p = max(hits, key=likeness)
     elif kin.is_dir(): p = kin
     else: raise DataError(f'no --dataset-path given and {kin} does not exist. Fix: pass --dataset-path DIR '
                           f"(a folder holding {LAYOUT_HELP}), or 'synthetic' for the built-in synthetic dataset.")
@@ -150,7 +154,8 @@ def find_dataset_root(path=None, kaggle_input=None) -> Path:
     roots = find_roots(p) + [a.parent for a in find_archives(p)]
     if roots: return roots[0] if len(roots) == 1 else _common(roots)
     raise DataError(f'no dataset found in {p} (searched {MAX_DEPTH} levels down). Looked for {LAYOUT_HELP}. '
-                    f'Found: {_listing(p)}{_image_folders(p)}. Fix: point --dataset-path at the folder holding these.')
+                    f'Found: {_listing(p)}{_image_folders(p)}. Fix: point --dataset-path at the folder holding '
+                    'these.')
 
 def _image_folders(base: Path, n=5) -> str:
     "'; folders holding images: ...' for the first `n` folders below `base` that hold image files (or '')."
@@ -189,7 +194,8 @@ class _Pairer:
         "The image files in `d`; other files are reported."
         es = [e for e in _entries(d) if e.is_file()]
         if stray := [e.name for e in es if not is_image_file(e.name)]:
-            self.problems.append(f"ignored {len(stray)} non-image file(s) in {self.rel(d)}: {', '.join(stray[:5])}"
+            names = ', '.join(stray[:5])
+            self.problems.append(f"ignored {len(stray)} non-image file(s) in {self.rel(d)}: {names}"
                                  + (' ...' if len(stray) > 5 else ''))
         return [Path(e.path) for e in es if is_image_file(e.name)]
 
@@ -206,7 +212,8 @@ class _Pairer:
         idx, pairs, seen = self._index(mask_dir) if mask_dir else {}, [], {}
         for im in self._files(img_dir):
             if im.stem in seen:
-                self.problems.append(f'two images named {im.stem}: {self.rel(seen[im.stem])} is used, {self.rel(im)} ignored')
+                self.problems.append(f'two images named {im.stem}: {self.rel(seen[im.stem])} is used, '
+                                     f'{self.rel(im)} ignored')
                 continue
             seen[im.stem] = im
             m = next((idx[k] for k in _stem_keys(im.stem)[:2] if k in idx), None)
@@ -218,7 +225,8 @@ class _Pairer:
         "The problems, with masks no image used."
         for d, idx in self.mask_dirs.items():
             if orphans := sorted({m.name for m in idx.values()} - {m.name for m in self.used if m.parent == d}):
-                self.problems.append(f"{len(orphans)} mask(s) in {self.rel(d)} have no image: {', '.join(orphans[:5])}"
+                names = ', '.join(orphans[:5])
+                self.problems.append(f"{len(orphans)} mask(s) in {self.rel(d)} have no image: {names}"
                                      + (' ...' if len(orphans) > 5 else ''))
         return self.problems
 
@@ -226,7 +234,7 @@ class _Pairer:
 @dataclass
 class DataSet:
     "One image/mask set found on disk, with its role in the run."
-    name: str  # unique name: COD10K, CAMO, NC4K, CHAMELEON (test sets), COD10K-train, CAMO-train, a folder name ...
+    name: str  # unique name: COD10K, CAMO, NC4K, CHAMELEON (test sets), COD10K-train, CAMO-train, a folder...
     pairs: list[Pair]  # its pairs after the COD protocol
     where: Path  # the folder holding its image folder
     split: str | None  # 'train' or 'test' when a folder name says so
@@ -240,12 +248,12 @@ class DataSet:
 class Found:
     "What a dataset root holds, after the COD protocol, with each set's role."
     root: Path  # the dataset root
-    layout: str  # 'COD10K-v3', 'SINet', 'CAMO', 'split-folders', 'Train_Image', 'folders' or 'multi' (several merged)
+    layout: str  # 'COD10K-v3', 'SINet', 'CAMO', 'split-folders', 'Train_Image', 'folders', 'multi' (merged)
     train: list[Pair]  # training pairs: every set with role 'train' (NonCAM left out unless include_noncam)
     tests: dict[str, list[Pair]]  # test sets by name (COD10K, CAMO, NC4K, CHAMELEON, ...)
-    noncam: dict[str, int]  # NonCAM images per split ('train' or a set name): left out, or kept with include_noncam
+    noncam: dict[str, int]  # NonCAM images per split ('train' or a set): left out, or kept with include_noncam
     problems: list[str]  # naming and pairing problems (stray files, clashes, unused masks, missing masks)
-    missing: dict[str, list[Path]] = field(default_factory=dict)  # images without a mask per split: blocking unless --skip-bad
+    missing: dict[str, list[Path]] = field(default_factory=dict)  # maskless images per split: stop or --skip-bad
     sets: dict[str, DataSet] = field(default_factory=dict)  # every set found, by name, with its role and reason
     archives: list[str] = field(default_factory=list)  # what each archive found holds and where it was extracted
 
@@ -272,7 +280,8 @@ def _units(d: Path) -> list[tuple[Path, Path, str | None]]:
 
 _TOKENS = {'train': r'train(?:ing)?(?:val)?(?:set|dataset|data)?',
            'test': r'test(?:ing)?(?:set|dataset|data)?'}  # the words that name a split
-_STRUCTURAL = re.compile(r'^(train|test|training|testing|traindataset|testdataset|trainvaldataset|datasets?|versions|'
+_STRUCTURAL = re.compile(r'^(train|test|training|testing|traindataset|testdataset|trainvaldataset|datasets?|'
+                         r'versions|'
                          r'\d+|' + '|'.join(IMAGE_DIRS + MASK_DIRS) + r')$')
 
 def _token(name: str, pattern: str) -> bool:
@@ -288,7 +297,7 @@ def _split_of(parts: list[str], split: str | None) -> str | None:
     return None
 
 def _known_name(parts: list[str], pairs: list[Pair]) -> str | None:
-    "The field's name (COD10K, CAMO, NC4K, CHAMELEON) the folder names `parts` (deepest first) or all file names say."
+    "The field's name (COD10K, CAMO, NC4K, CHAMELEON) folder names `parts` (deepest first) or file names say."
     for p in parts:
         if k := next((k for k, pat in KNOWN_SETS.items() if _token(p, pat)), None): return k
     if pairs and all(p.name.upper().startswith('COD10K') for p in pairs): return 'COD10K'
@@ -310,7 +319,8 @@ def _describe(parts: list[str], split: str | None, pairs: list[Pair]) -> tuple[s
         what = 'a SINet training pack (TrainDataset)' if sinet else f"{base}'s Train split"
         return name, False, f'{what}: trained on'
     if known:  # COD10K or CAMO images with no Train/Test folder: the test set distributed on its own
-        return known, True, f'{known} images with no Train/Test split, taken as its test set: evaluated, never trained on'
+        return known, True, (f'{known} images with no Train/Test split, taken as its test set: evaluated, '
+                             'never trained on')
     return base, False, 'an image/mask folder pair that is no known test set: trained on'
 
 # %% ../nbs/01_layout.ipynb #e13203fa
@@ -345,7 +355,7 @@ def _names(value) -> list[str]:
     return [s.strip() for s in (value.split(',') if isinstance(value, str) else value) if s.strip()]
 
 def _pick(sets: dict, names: list[str], flag: str) -> list[str]:
-    "The keys of `sets` named (case-insensitively) by `names`; a DataError names an unknown one and the sets there."
+    "The keys of `sets` named (any case) by `names`; a DataError names an unknown one and the sets there."
     low = {k.lower(): k for k in sets}
     if bad := [n for n in names if n.lower() not in low]:
         raise DataError(f"{flag}: no set named {', '.join(bad)}; the sets found are {', '.join(sets) or 'none'}. "
@@ -353,12 +363,13 @@ def _pick(sets: dict, names: list[str], flag: str) -> list[str]:
     return [low[n.lower()] for n in names]
 
 def assign_roles(sets: dict, train_sets=None, test_sets=None, val_set=None, allow_test_training=False):
-    "Give every set in `sets` its role and reason: recognised test sets are tested; the rest trained on; flags override."
+    "Give every set in `sets` its role and reason: recognised test sets tested, the rest trained on; flags rule."
     why = {k: s.reason.split(':')[0] for k, s in sets.items()}
     tr, te = _pick(sets, _names(train_sets), '--train-sets'), _pick(sets, _names(test_sets), '--test-sets')
     va = _pick(sets, [val_set], '--val-path') if val_set else []
     if both := set(tr) & set(te) or set(va) & set(tr + te):
-        raise DataError(f"set(s) {', '.join(sorted(both))} named for two roles (--train-sets, --test-sets, --val-path). "
+        raise DataError(f"set(s) {', '.join(sorted(both))} named for two roles (--train-sets, --test-sets, "
+                        "--val-path). "
                         'Fix: name each set once.')
     for k, s in sets.items():
         if k in va: s.role, s.reason = 'val', f'--val-path {k}'
@@ -370,15 +381,16 @@ def assign_roles(sets: dict, train_sets=None, test_sets=None, val_set=None, allo
     if (bad := [k for k in tr + va if sets[k].recognised]) and not allow_test_training:
         raise DataError(f"{', '.join(bad)} {'is a test set' if len(bad) == 1 else 'are test sets'} of the field "
                         f"({why[bad[0]]}): training or validating on it makes every reported number "
-                        'invalid. Fix: leave it out of --train-sets/--val-path, or pass --allow-test-training to do it '
-                        'anyway (the run is then flagged as trained on test data).')
+                        'invalid. Fix: leave it out of --train-sets/--val-path, or pass --allow-test-training to '
+                        'do it anyway (the run is then flagged as trained on test data).')
     for k in tr + va:
         if sets[k].recognised: sets[k].reason += ' with --allow-test-training: A RECOGNISED TEST SET, flagged'
 
 # %% ../nbs/01_layout.ipynb #a4c41e13
 def default_extract_dir() -> Path:
-    "Where archives are extracted: /kaggle/temp/codseg-extract on Kaggle, else $CODSEG_CACHE/extract (~/.cache/codseg)."
-    if Path('/kaggle/temp').is_dir() or Path('/kaggle/input').is_dir(): return Path('/kaggle/temp/codseg-extract')
+    "Where archives are extracted: /kaggle/temp/codseg-extract on Kaggle, else $CODSEG_CACHE/extract."
+    if Path('/kaggle/temp').is_dir() or Path('/kaggle/input').is_dir():
+        return Path('/kaggle/temp/codseg-extract')
     return Path(os.environ.get('CODSEG_CACHE') or Path.home()/'.cache'/'codseg')/'extract'
 
 def _members(archive: Path) -> list[str]:
@@ -388,14 +400,16 @@ def _members(archive: Path) -> list[str]:
             with zipfile.ZipFile(archive) as z: return [i.filename for i in z.infolist() if not i.is_dir()]
         with tarfile.open(archive) as t: return [m.name for m in t.getmembers() if m.isfile()]
     except (OSError, zipfile.BadZipFile, tarfile.TarError) as e:
-        raise DataError(f'cannot read archive {archive} ({e}). Fix: replace it, or remove it from the inputs.') from None
+        raise DataError(f'cannot read archive {archive} ({e}). Fix: replace it, or remove it from the '
+                        'inputs.') from None
 
 def archive_summary(archive: Path) -> tuple[int, str]:
     "(image files, a description of the folders holding them) of `archive`."
     by = {}
     for m in _members(archive):
         if is_image_file(m): by[str(Path(m).parent)] = by.get(str(Path(m).parent), 0) + 1
-    return sum(by.values()), ', '.join(f'{d} ({n})' for d, n in list(by.items())[:8]) + (' ...' if len(by) > 8 else '')
+    where = ', '.join(f'{d} ({n})' for d, n in list(by.items())[:8]) + (' ...' if len(by) > 8 else '')
+    return sum(by.values()), where
 
 def _target(archive: Path, extract_dir: Path) -> Path:
     "The folder under `extract_dir` that `archive` (as it is now: path, size, mtime) extracts into."
@@ -408,36 +422,42 @@ def extract(archive: Path, extract_dir: Path, note: str = '') -> tuple[Path, boo
     out = _target(archive, extract_dir)
     if (out/'.codseg-extracted').is_file(): return out, False
     tmp = out.with_name(out.name + f'.{os.getpid()}.tmp')
-    shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     try:
         if archive.name.lower().endswith('.zip'):
             with zipfile.ZipFile(archive) as z: z.extractall(tmp)
         else:
             with tarfile.open(archive) as t: t.extractall(tmp, filter='data')
         (tmp/'.codseg-extracted').write_text(note or str(archive))
-        shutil.rmtree(out, ignore_errors=True); os.replace(tmp, out)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
     finally: shutil.rmtree(tmp, ignore_errors=True)
     return out, True
 
 ARCHIVE_RE = re.compile(r'\.(zip|tar|tar\.gz|tgz|tar\.bz2|tbz2|tar\.xz|txz)$', re.I)
 
 def _archives(root: Path, extract_dir, notes: list[str]) -> list[tuple[Path, list[str]]]:
-    "(extracted folder, folder names above it) for each archive under `root` holding images; notes say what and where."
+    "(extracted folder, folder names above it) of each archive under `root` with images; notes say what, where."
     out, arcs = [], find_archives(root)
     if not arcs: return out
     xd = Path(extract_dir or default_extract_dir()).expanduser().resolve()
     if xd == root.resolve() or root.resolve() in xd.parents:
-        raise DataError(f'--extract-dir {xd} is inside the input folder {root}, and codseg never writes into its inputs. '
+        raise DataError(f'--extract-dir {xd} is inside the input folder {root}, and codseg never writes into '
+                        'its inputs. '
                         'Fix: pass a folder outside it (on Kaggle, e.g. /kaggle/temp/codseg-extract).')
     for a in arcs:
         stem, marker = ARCHIVE_RE.sub('', a.name), _target(a, xd)/'.codseg-extracted'
         if marker.is_file(): held = marker.read_text()  # listed when it was extracted (a .tar.gz lists slowly)
         else:
             n, what = archive_summary(a)
-            if not n: notes.append(f'archive {a}: no images inside; not extracted'); continue
+            if not n:
+                notes.append(f'archive {a}: no images inside; not extracted')
+                continue
             held = f'{n} images: {what}'
         if (a.parent/stem).is_dir():
-            notes.append(f'archive {a} holds {held}; not extracted, {a.parent/stem} beside it is the same data unpacked')
+            notes.append(f'archive {a} holds {held}; not extracted, {a.parent/stem} beside it is the same data '
+                         'unpacked')
             continue
         folder, now = extract(a, xd, held)
         notes.append(f"archive {a} holds {held}; {'extracted into' if now else 'already extracted in'} {folder}")
@@ -475,7 +495,7 @@ def _collect(found: Found):
 
 def discover(path=None, include_noncam=False, kaggle_input=None, train_sets=None, test_sets=None, val_set=None,
              allow_test_training=False, extract_dir=None) -> Found:
-    "Find the dataset at `path` (see `find_dataset_root`), pair its images and masks per set, and give each set its role."
+    "Find the dataset at `path` (`find_dataset_root`), pair images and masks per set, give each set its role."
     root = find_dataset_root(path, kaggle_input)
     roots = [root] if layout_of(root) else find_roots(root)
     found, pr, sets = Found(root, layout_of(root) or ('multi' if len(roots) > 1 else layout_of(roots[0]) if roots
@@ -496,7 +516,8 @@ def split_train_val(pairs: list[Pair], fraction: float, seed: int) -> tuple[list
     if not 0 <= fraction < 1: raise DataError(f'--val-fraction must be in [0, 1), got {fraction}')
     ps, n = sorted(pairs, key=lambda p: p.name), len(pairs)
     k = min(max(round(n * fraction), 1 if fraction > 0 and n > 1 else 0), max(n - 1, 0))
-    order = list(range(n)); random.Random(seed).shuffle(order)
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
     val = set(order[:k])
     return [p for i, p in enumerate(ps) if i not in val], [p for i, p in enumerate(ps) if i in val]
 
@@ -512,9 +533,10 @@ def _no_missing(found: Found, splits, skip_bad: bool, flag='--dataset-path'):
     "Stop on images without masks in `splits` unless `skip_bad`."
     miss = [m for s in splits for m in found.missing.get(s, [])]
     if miss and not skip_bad:
-        raise DataError(f"{len(miss)} image(s) have no mask, e.g. {miss[0]} (looked for a mask named {miss[0].stem}"
-                        f"{{{','.join(IMAGE_EXTS)}}} in the mask folder beside it). Fix: add the masks, remove those "
-                        f"images, or pass --skip-bad to leave them out.")
+        raise DataError(f"{len(miss)} image(s) have no mask, e.g. {miss[0]} (looked for a mask named "
+                        f"{miss[0].stem}"
+                        f"{{{','.join(IMAGE_EXTS)}}} in the mask folder beside it). Fix: add the masks, remove "
+                        f"those images, or pass --skip-bad to leave them out.")
 
 def _is_set_name(cfg: Config) -> bool:
     "Whether `cfg.val_path` names a set of the dataset rather than a folder."
@@ -528,15 +550,17 @@ def discover_cfg(cfg: Config, path=None) -> Found:
                     allow_test_training=cfg.allow_test_training, extract_dir=cfg.extract_dir)
 
 def _val_pairs(cfg: Config, found: Found) -> list[Pair]:
-    "The validation pairs named by `cfg.val_path` (a set of `found`, or a folder whose test sets, else training, serve)."
+    "The validation pairs `cfg.val_path` names (a set of `found`, or a folder: its test sets, else training)."
     if vs := [s for s in found.sets.values() if s.role == 'val']:
-        _no_missing(found, [vs[0].name], cfg.skip_bad); return vs[0].pairs
+        _no_missing(found, [vs[0].name], cfg.skip_bad)
+        return vs[0].pairs
     vf = discover(dataset_root(cfg.val_path, cfg), cfg.include_noncam, extract_dir=cfg.extract_dir)
     sets = [s for s in vf.sets.values() if s.role == 'test'] or [s for s in vf.sets.values() if s.role == 'train']
     if (rec := [s.name for s in sets if s.recognised]) and not cfg.allow_test_training:
-        raise DataError(f"--val-path {cfg.val_path} holds {', '.join(rec)}, a test set of the field: validating on it "
-                        'selects the model on test data. Fix: validate on a held-out fraction of training (no --val-path), '
-                        'or pass --allow-test-training to do it anyway (the run is then flagged).')
+        raise DataError(f"--val-path {cfg.val_path} holds {', '.join(rec)}, a test set of the field: validating "
+                        "on it "
+                        'selects the model on test data. Fix: validate on a held-out fraction of training (no '
+                        '--val-path), or pass --allow-test-training to do it anyway (the run is then flagged).')
     _no_missing(vf, [s.name for s in sets] + ['train'], cfg.skip_bad)
     for s in sets:
         found.sets[f'val:{s.name}'] = replace(s, role='val', reason=f'--val-path {cfg.val_path}' + (
@@ -549,8 +573,8 @@ def train_val_pairs(cfg: Config) -> tuple[list[Pair], list[Pair], Found]:
     _no_missing(found, ['train'], cfg.skip_bad)
     if not found.train:
         raise DataError(f'no training images in {found.root} (layout {found.layout}; sets {found.roles()}'
-                        + ''.join(f'; {a}' for a in found.archives) + '). Fix: point --dataset-path at a dataset with '
-                        'a training split, or name one with --train-sets.')
+                        + ''.join(f'; {a}' for a in found.archives) + '). Fix: point --dataset-path at a '
+                        'dataset with a training split, or name one with --train-sets.')
     if cfg.val_path: train, val = found.train, _val_pairs(cfg, found)
     else: train, val = split_train_val(found.train, cfg.val_fraction, cfg.seed)
     if both := {p.name for p in train} & {p.name for p in val}:
@@ -562,37 +586,22 @@ def train_size(cfg: Config) -> int:
     return len(train_val_pairs(cfg)[0])
 
 # %% ../nbs/01_layout.ipynb #a21a128f
-FIX = 'Fix: replace or re-save the file, remove the pair, or pass --skip-bad to leave such pairs out.'
-
-def _size(path: Path, decode: bool) -> tuple[int, int]:
-    "(width, height) of image file `path`, from its header (or by decoding it); DataError when unreadable."
-    if decode:
-        from codseg.data import read_image
-        h, w = read_image(path).shape[:2]; return w, h
-    from PIL import Image
-    try:
-        with Image.open(path) as im: return im.size
-    except Exception as e: raise DataError(f'unreadable file {path} ({type(e).__name__}: {e}). {FIX}') from None
-
 def _check(pair: Pair, decode: bool) -> str | None:
     "What is wrong with `pair`, or None."
     try:
-        ws = _size(pair.image, decode)
+        ws = image_size(pair.image, decode)
         if pair.mask is None: return None
-        wm = _size(pair.mask, decode)
+        wm = image_size(pair.mask, decode)
     except DataError as e: return str(e)
-    if ws != wm:
-        return (f'size mismatch: image {pair.image} is {ws[0]}x{ws[1]} (WxH) but its mask {pair.mask} is '
-                f'{wm[0]}x{wm[1]}. Fix: replace the mask with one of the image size, remove the pair, or pass --skip-bad.')
-    return None
+    return size_mismatch(pair.image, pair.mask, ws, wm) if ws != wm else None
 
 def check_pairs(pairs: list[Pair], *, skip_bad: bool, decode=False, workers=8) -> tuple[list[Pair], list[str]]:
     "The readable, size-consistent pairs and a message per bad pair; stops at bad pairs unless `skip_bad`."
     with ThreadPoolExecutor(workers) as ex: msgs = list(ex.map(lambda p: _check(p, decode), pairs))
     bad = [m for m in msgs if m]
     if bad and not skip_bad:
-        raise DataError(f'{len(bad)} bad image/mask pair(s). First: {bad[0]}' + (f' `codseg data-check --dataset-path '
-                        f'DIR` lists all {len(bad)}.' if len(bad) > 1 else ''))
+        more = f' `codseg data-check --dataset-path DIR` lists all {len(bad)}.' if len(bad) > 1 else ''
+        raise DataError(f'{len(bad)} bad image/mask pair(s). First: {bad[0]}{more}')
     return [p for p, m in zip(pairs, msgs) if not m], bad
 
 # %% ../nbs/01_layout.ipynb #750d15d2
@@ -607,29 +616,33 @@ def _pairs_or_stop(cfg: Config, stop: list[str]) -> tuple[list[Pair], list[Pair]
     return [], [], discover_cfg(cfg)
 
 def _report(cfg: Config, decode: bool, say, as_json=False) -> int:
-    "Say what `cfg`'s dataset holds (as text, or one JSON object); 0 if training would start, 1 if it would stop."
+    "Say what `cfg`'s dataset holds (text, or one JSON object); 0 if training would start, 1 if it would stop."
     stop, out = [], say
     if as_json: say = lambda *a: None
     tr, va, found = _pairs_or_stop(cfg, stop)
     say(f'dataset: {found.root}\nlayout:  {found.layout}')
     for a in found.archives: say(a)
-    nc = 'kept (--include-noncam)' if cfg.include_noncam else 'left out by the COD protocol (--include-noncam keeps them)'
+    nc = 'left out by the COD protocol (--include-noncam keeps them)'
+    nc = 'kept (--include-noncam)' if cfg.include_noncam else nc
     for split, n in found.counts().items():
         extra = [f'NonCAM {found.noncam[split]} {nc}'] if split in found.noncam else []
         extra += [f'{len(found.missing[split])} without a mask'] if split in found.missing else []
-        say(f"  {'train' if split == 'train' else 'test ' + split:<20} {n:>6} pairs" + (f"   {'; '.join(extra)}" if extra else ''))
+        name = 'train' if split == 'train' else 'test ' + split
+        say(f"  {name:<20} {n:>6} pairs" + (f"   {'; '.join(extra)}" if extra else ''))
     say('roles:')
     for k, s in found.sets.items(): say(f'  {k:<24} {s.role:<6} {len(s.pairs):>6}  {s.reason}')
     if flagged := found.test_trained():
         say(f"WARNING: trains or validates on recognised test set(s) {', '.join(flagged)}")
     sets = {'training': tr, 'validation': va, **found.tests}
     checked = {k: check_pairs(ps, skip_bad=True, decode=decode) for k, ps in sets.items()}
-    say(f"checked {'every pixel' if decode else 'the headers'} of " + ', '.join(f'{k} {len(v)}' for k, v in sets.items())
+    counts = ', '.join(f'{k} {len(v)}' for k, v in sets.items())
+    say(f"checked {'every pixel' if decode else 'the headers'} of {counts}"
         + f' pairs: {sum(len(b) for _, b in checked.values())} bad')
     if n_bad := len(checked['training'][1]) + len(checked['validation'][1]):
         stop.append(f'{n_bad} bad training/validation pair(s), listed above')
     if tr:
-        how = f'--val-path {cfg.val_path}' if cfg.val_path else f'seeded {cfg.val_fraction:.0%} of train, seed {cfg.seed}'
+        held = f'seeded {cfg.val_fraction:.0%} of train, seed {cfg.seed}'
+        how = f'--val-path {cfg.val_path}' if cfg.val_path else held
         say(f"training {len(checked['training'][0])}, validation {len(checked['validation'][0])} ({how}"
             + (', bad pairs left out)' if stop else ')'))
     problems = found.problems + [m for _, b in checked.values() for m in b]
@@ -645,7 +658,8 @@ def _report(cfg: Config, decode: bool, say, as_json=False) -> int:
 def check_json(found: Found, checked: dict, cfg: Config, problems: list, stop: list, rc: int) -> dict:
     "`codseg data-check --json`'s object."
     return dict(layout=found.layout, root=str(found.root), train=len(checked['training'][0]),
-                val=len(checked['validation'][0]), test={k: len(v) for k, v in found.tests.items()}, roles=found.roles(),
+                val=len(checked['validation'][0]), test={k: len(v) for k, v in found.tests.items()},
+                roles=found.roles(),
                 noncam_excluded={} if cfg.include_noncam else dict(found.noncam),
                 bad=[{'file': _bad_file(m), 'reason': m} for _, b in checked.values() for m in b] +
                     [{'file': str(p), 'reason': 'no mask'} for ps in found.missing.values() for p in ps],
@@ -659,19 +673,23 @@ def _bad_file(msg: str) -> str:
     return m[1] if m else ''
 
 # %% ../nbs/01_layout.ipynb #4e997abc
-DATA_CHECK_FIELDS = ('dataset_path', 'val_path', 'val_fraction', 'include_noncam', 'skip_bad', 'seed', 'synthetic_n',
+DATA_CHECK_FIELDS = ('dataset_path', 'val_path', 'val_fraction', 'include_noncam', 'skip_bad', 'seed',
+                     'synthetic_n',
                      'synthetic_size', 'train_sets', 'test_sets', 'allow_test_training', 'extract_dir')
 
 def data_check_cli(argv=None) -> int:
     "`codseg data-check --dataset-path P`: print what the dataset holds, without training."
-    p = argparse.ArgumentParser(prog='codseg data-check', description='Show what a dataset path holds: layout, counts '
-                                'per split and test set, each set\'s role and why, CAM/NonCAM, the validation split, '
-                                'and problems; trains nothing.')
+    p = argparse.ArgumentParser(prog='codseg data-check', description='Show what a dataset path holds: layout, '
+                                'counts '
+                                'per split and test set, each set\'s role and why, CAM/NonCAM, the validation '
+                                'split, and problems; trains nothing.')
     add_args(p, DATA_CHECK_FIELDS)
-    p.add_argument('--decode', action='store_true', help='decode every image and mask (slower) instead of reading headers')
+    p.add_argument('--decode', action='store_true',
+                   help='decode every image and mask (slower) instead of reading headers and ends')
     p.add_argument('--json', action='store_true', help='print one JSON object instead of the report')
     ns = p.parse_args(sys.argv[1:] if argv is None else argv)
     try: return _report(from_args(ns), ns.decode, print, ns.json)
     except DataError as e:
         if ns.json: print(json.dumps({'error': str(e), 'problems': [str(e)]}))
-        print(f'codseg data-check: {e}', file=sys.stderr); return 2
+        print(f'codseg data-check: {e}', file=sys.stderr)
+        return 2

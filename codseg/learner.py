@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_learner.ipynb #64c2c8a3
 from __future__ import annotations
-import math, sys
+import math, sys, time
 from contextlib import nullcontext
 from functools import partial
 from operator import attrgetter
@@ -13,8 +13,8 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['DIVERGE_ADVICE', 'CancelStepException', 'CancelBatchException', 'CancelEpochException', 'CancelFitException',
-           'Callback', 'to_device', 'unwrap', 'Learner', 'LRPlanCB', 'amp_dtype', 'AMPCB', 'TrainingDiverged',
-           'GradGuardCB', 'EMACB', 'all_reduce_sum', 'MetricsCB', 'ProgressCB']
+           'Callback', 'to_device', 'unwrap', 'Learner', 'LRPlanCB', 'pick_precision', 'amp_dtype', 'AMPCB',
+           'TrainingDiverged', 'GradGuardCB', 'EMACB', 'all_reduce_sum', 'MetricsCB', 'ProgressCB']
 
 # %% ../nbs/09_learner.ipynb #5f50ade9
 class CancelStepException(Exception): "Skip this optimizer step and drop its gradients."
@@ -48,9 +48,9 @@ class Learner:
                  step_idx=0):  # global optimizer-step index to start from
         self.model, self.loss_fn, self.opt, self.train_dl, self.valid_dl = model, loss_fn, opt, train_dl, valid_dl
         self.device, self.accum, self.step_idx, self.cbs = torch.device(device), accum, step_idx, []
-        self.scaler = torch.amp.GradScaler('cuda', enabled=False)  # a disabled scaler is a no-op; AMPCB swaps it
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)  # a disabled scaler is a no-op; AMPCB swaps it
         self.autocast = self.no_sync = nullcontext  # forward context; gradient no-sync context (DDP) between steps
-        self.eval_model, self.skip_batches = None, 0
+        self.eval_model, self.skip_batches, self.grads_ok = None, 0, False
         for cb in cbs: self.add_cb(cb)
 
     def add_cb(self, cb):
@@ -108,8 +108,15 @@ class Learner:
 
     def one_step(self):
         "One optimizer step slot: callbacks may cancel it, the slot is used either way."
-        self.run('step', lambda: (self.scaler.step(self.opt), self.scaler.update()))
+        self.grads_ok = False
+        self.run('step', self.opt_step)
         self.opt.zero_grad(set_to_none=True); self.step_idx += 1
+
+    def opt_step(self):
+        "Step through the scaler (it skips inf/NaN gradients, reading them) unless a callback set `grads_ok` after checking."
+        if self.grads_ok: self.opt.step()
+        else: self.scaler.step(self.opt)
+        self.scaler.update()
 
 # %% ../nbs/09_learner.ipynb #18732935
 class LRPlanCB(Callback):
@@ -120,20 +127,38 @@ class LRPlanCB(Callback):
         for g in learn.opt.param_groups: g['lr'] = lrs[g.get('kind', 'decoder')]
 
 # %% ../nbs/09_learner.ipynb #4ab8d442
-def amp_dtype(device, enabled=True):
-    "The autocast dtype for `device`: bf16 where supported, else fp16 on CUDA; None when off or on CPU."
+_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': None}
+
+def pick_precision(device, asked='auto'):
+    "(autocast dtype or None, why) on `device` for `--precision asked`: bf16 only where native (capability >= 8.0)."
     device = torch.device(device)
-    if not enabled or device.type != 'cuda': return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if asked not in ('auto', *_DTYPES): raise ValueError(f'--precision {asked}: choose auto, bf16, fp16 or fp32')
+    if asked == 'fp32': return None, 'fp32 (asked for: --precision fp32 or --no-amp)'
+    if device.type != 'cuda':
+        if asked == 'auto': return None, f'fp32 (auto): {device.type} has no fast mixed precision for training'
+        return _DTYPES[asked], f'{asked} (asked for) on {device.type}'
+    major, minor = torch.cuda.get_device_capability(device)
+    gpu = f'{torch.cuda.get_device_properties(device).name}, compute capability {major}.{minor}'
+    native = (major, minor) >= (8, 0)  # not torch.cuda.is_bf16_supported(): true by emulation on a T4
+    if asked == 'bf16' and not native:
+        raise ValueError(f'--precision bf16: the {gpu} has no native bf16 (it needs capability 8.0 or more): '
+                         'use --precision fp16 (or auto, which picks fp16 with a grad scaler here)')
+    if asked != 'auto': return _DTYPES[asked], f'{asked} (asked for) on the {gpu}'
+    if native: return torch.bfloat16, f'bf16 (auto): the {gpu} has native bf16'
+    return torch.float16, f'fp16 + grad scaler (auto): the {gpu} has no native bf16 (needs 8.0)'
+
+def amp_dtype(device, enabled=True):
+    "The autocast dtype `pick_precision` chooses on `device` (None when off, or fp32 on CPU)."
+    return pick_precision(device, 'auto' if enabled else 'fp32')[0]
 
 class AMPCB(Callback):
-    "Autocast the forward pass to `dtype`, with a grad scaler for fp16."
+    "Autocast the forward pass to `dtype`, with an enabled grad scaler for fp16 (its state resumed from `scaler_state`)."
     order = -10
     def __init__(self, dtype, scaler_state=None): self.dtype, self.state = dtype, scaler_state
     def before_fit(self, learn):
         learn.autocast = partial(torch.autocast, learn.device.type, dtype=self.dtype)
         if self.dtype != torch.float16 or learn.scaler.is_enabled(): return
-        learn.scaler = torch.amp.GradScaler('cuda')
+        learn.scaler = torch.amp.GradScaler(learn.device.type)
         if self.state: learn.scaler.load_state_dict(self.state)
 
 # %% ../nbs/09_learner.ipynb #d9f5591a
@@ -144,25 +169,31 @@ DIVERGE_ADVICE = ("the LR is too high: reduce --stage2-lr (try 0.7x the current 
                   "(lr-scheduler-guide: 'If training becomes unstable')")
 
 class GradGuardCB(Callback):
-    "Clip gradients to `max_norm` (0: off) after unscaling; skip non-finite losses and steps, count them."
+    "Unscale, then clip gradients to `max_norm` (0: off); skip steps with a non-finite loss or gradient, count them."
     order = 10  # after LRPlanCB
     def __init__(self, max_norm, patience=20):  # patience: consecutive non-finite steps before stopping
-        self.max_norm, self.patience, self.skipped, self.streak = max_norm, patience, 0, 0
+        self.max_norm, self.patience, self.skipped, self.overflows, self.streak = max_norm, patience, 0, 0, 0
+    def before_fit(self, learn): self.bad = torch.zeros((), device=learn.device)
     def after_loss(self, learn):
-        if learn.training and not torch.isfinite(learn.loss).item():
-            self._skip(learn, 'loss'); raise CancelBatchException()
+        if learn.training: self.bad = self.bad + ~torch.isfinite(learn.loss.detach())  # on the device: no host read
     def before_step(self, learn):
         params = [p for g in learn.opt.param_groups for p in g['params'] if p.grad is not None]
-        if not params: raise CancelStepException()  # every batch of this group was skipped
+        if not params: raise CancelStepException()
         learn.scaler.unscale_(learn.opt)
         learn.grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm or math.inf)
-        if not torch.isfinite(learn.grad_norm).item():
-            learn.scaler.update()  # lowers an fp16 scale; a no-op when the scaler is off
-            self._skip(learn, 'gradient'); raise CancelStepException()
+        ride = getattr(learn, 'loss_sum', None)  # the metrics' running sums ride along in the same read
+        ok, bad, *learn.running = torch.cat([torch.stack([torch.isfinite(learn.grad_norm), self.bad > 0]).double(),
+                                             ride.double() if ride is not None else learn.grad_norm.new_zeros(0)]).tolist()
+        self.bad = torch.zeros_like(self.bad)
+        if ok and not bad: learn.grads_ok = True; return
+        learn.scaler.update()  # lowers an fp16 scale; a no-op when the scaler is off
+        self._skip(learn, 'loss' if bad else 'gradient', overflow=not bad and learn.scaler.is_enabled())
+        raise CancelStepException()
     def after_step(self, learn): self.streak = 0
     def after_cancel_step(self, learn): learn.opt.zero_grad(set_to_none=True)
-    def _skip(self, learn, what):
-        self.skipped += 1; self.streak += 1; learn.skipped = self.skipped
+    def _skip(self, learn, what, overflow):
+        self.skipped += 1; self.overflows += overflow; self.streak += not overflow
+        learn.skipped, learn.overflows = self.skipped, self.overflows
         if self.streak >= self.patience:
             raise TrainingDiverged(f'{self.streak} optimizer steps in a row had a non-finite {what}: {DIVERGE_ADVICE}')
 
@@ -188,33 +219,57 @@ def all_reduce_sum(t):
 
 class MetricsCB(Callback):
     "Track the mean train loss (finite batches; the non-finite share apart) and validation metrics in `learn.metrics`."
-    order = 5  # before GradGuardCB, so a non-finite loss is counted before its batch is skipped
+    order = 5  # before GradGuardCB
     def __init__(self, meter, loss_sum=None):  # loss_sum: [sum, finite count, non-finite count] carried into a resumed epoch
         self.meter, self.carry = meter, loss_sum
     def before_train(self, learn):
-        self.loss_sum = self.carry if self.carry is not None else torch.zeros(3, dtype=torch.float64)
+        s = self.carry if self.carry is not None else torch.zeros(3, dtype=torch.float64)
+        self.loss_sum = learn.loss_sum = s.to(learn.device, torch.float64)  # summed on the device: no read per batch
         self.carry = None
     def after_loss(self, learn):
         if not learn.training: return self.meter.update(learn.preds['logits'].float(), learn.batch['mask'])
-        l = learn.loss.item()
-        self.loss_sum += torch.tensor([l, 1.0, 0.0] if math.isfinite(l) else [0.0, 0.0, 1.0], dtype=torch.float64)
+        l = learn.loss.detach().double(); ok = torch.isfinite(l)
+        self.loss_sum += torch.stack([torch.where(ok, l, 0.0), ok.double(), (~ok).double()])
     def before_validate(self, learn): self.meter.reset()
     def after_validate(self, learn):
-        s = all_reduce_sum(self.loss_sum.clone())
+        s = all_reduce_sum(self.loss_sum.clone()).tolist()
         self.meter.sums = all_reduce_sum(self.meter.sums)
-        learn.metrics = {'loss': (s[0] / s[1]).item() if s[1] else math.nan,
-                         'nonfinite': (s[2] / (s[1] + s[2]).clamp(min=1)).item(), **self.meter.compute()}
+        learn.metrics = {'loss': s[0] / s[1] if s[1] else math.nan, 'nonfinite': s[2] / max(s[1] + s[2], 1),
+                         **self.meter.compute()}
 
 # %% ../nbs/09_learner.ipynb #90e9e814
+def _interactive():
+    "Whether progress goes to a person watching: a terminal on stderr, or a notebook kernel."
+    return sys.stderr.isatty() or 'ipykernel' in sys.modules
+
 class ProgressCB(Callback):
-    "Show a progress bar over each epoch's training batches, with the running loss."
+    "A progress bar over each epoch's training batches with the running loss; plain lines when nobody watches live."
     order = 50
-    def __init__(self, disable=None): self.disable = disable  # None: off when stderr is not a terminal or notebook
+    def __init__(self, disable=None,  # None: a bar when interactive, else plain lines; True: nothing
+                 every=60.0, say=partial(print, flush=True)):  # plain mode: seconds between lines at most (and every 10% of the epoch)
+        self.disable, self.every, self.say, self.bar = disable, every, say, None
     def before_train(self, learn):
+        self.plain = self.disable is None and not _interactive()
+        self.t0 = self.shown = time.time(); self.n0 = self.last = learn.first; self.items = 0
+        if self.plain or self.disable: return
         from tqdm.auto import tqdm
         self.bar = tqdm(total=learn.n_batches, initial=learn.first, desc=f'Epoch {learn.epoch + 1}',
-                        leave=False, disable=self.disable, file=sys.stderr, dynamic_ncols=True)
+                        leave=False, file=sys.stderr, dynamic_ncols=True)
     def after_batch(self, learn):
-        if learn.training: self.bar.update(); self.bar.set_postfix(loss=f'{learn.loss.item():.4f}', refresh=False)
-    def after_train(self, learn): self.bar.close()
+        if not learn.training: return
+        self.items += len(learn.batch['mask'])
+        if self.bar is not None: self.bar.update()
+    def after_step(self, learn):
+        s = getattr(learn, 'running', None)
+        loss = s[0] / s[1] if s and s[1] else math.nan
+        if self.bar is not None: return self.bar.set_postfix(loss=f'{loss:.4f}', refresh=False)
+        i, n, now = learn.iter + 1, learn.n_batches, time.time()
+        if not self.plain or not (i - self.last >= n / 10 or now - self.shown >= self.every or i == n): return
+        rate, left = self.items / max(now - self.t0, 1e-9), (n - i) * (now - self.t0) / max(i - self.n0, 1)
+        self.say(f'  epoch {learn.epoch + 1}: batch {i}/{n} ({100 * i / n:.0f}%), step {learn.step_idx + 1} | '
+                 f'{rate:.1f} items/s | ETA {int(left // 60)}m{int(left % 60):02d}s | loss {loss:.4f}')
+        self.shown, self.last = now, i
+    after_cancel_step = after_step
+    def after_train(self, learn):
+        if self.bar is not None: self.bar.close(); self.bar = None
     after_cancel_train = after_train

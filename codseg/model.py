@@ -175,7 +175,7 @@ class CueExperts(nn.Module):
         "Each pair's copy of its expert's kernels (n,C,3,3), mix1, bias1, mix2, bias2, for expert ids `e` (n,), in one gather."
         E, C = self.view.shape[:2]
         ws = (self.kernels(), self.mix1, self.bias1, self.mix2, self.bias2)
-        per_pair = torch.cat([w.view(E, -1) for w in ws], 1).index_select(0, e)
+        per_pair = torch.cat([w.reshape(E, -1) for w in ws], 1).index_select(0, e)
         return [p.view(-1, *w.shape[1:]) for p, w in zip(per_pair.split([w[0].numel() for w in ws], 1), ws)]
 
     def look(self, x: torch.Tensor, idx: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:

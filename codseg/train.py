@@ -6,19 +6,20 @@
 from __future__ import annotations
 import argparse, csv, json, math, os, random, shutil, signal, sys, time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 import numpy as np
 import torch
 from .config import Config, resolve, add_args, from_args, to_dict, from_dict, save_config, DATA, MODEL, PLAN, TRAIN
 from .learner import (Learner, Callback, CancelFitException, LRPlanCB, AMPCB, GradGuardCB, EMACB, MetricsCB,
-                            ProgressCB, TrainingDiverged, DIVERGE_ADVICE, amp_dtype, all_reduce_sum, unwrap)
+                            ProgressCB, TrainingDiverged, DIVERGE_ADVICE, pick_precision, all_reduce_sum, unwrap)
 
 # %% auto #0
-__all__ = ['PLATEAU_ADVICE', 'ARCH', 'Dist', 'seed_everything', 'save_atomic', 'load_checkpoint', 'rng_state', 'set_rng_state',
-           'find_resume', 'unfrozen_stages', 'StageCB', 'ChannelsLastCB', 'fast_model', 'HistoryCB', 'epoch_line',
-           'write_history', 'plot_history', 'WatchCB', 'RunState', 'CheckpointCB', 'SessionLimitCB', 'StopSignalCB',
-           'check_same_arch', 'model_state', 'Run', 'make_learner', 'train', 'banner', 'model_from_checkpoint',
-           'validate', 'train_cli']
+__all__ = ['PLATEAU_ADVICE', 'ARCH', 'Dist', 'seed_everything', 'save_atomic', 'copy_atomic', 'load_checkpoint', 'rng_state',
+           'set_rng_state', 'find_resume', 'unfrozen_stages', 'StageCB', 'ChannelsLastCB', 'fast_model', 'HistoryCB',
+           'fmt_lr', 'epoch_line', 'write_history', 'plot_history', 'WatchCB', 'RunState', 'CheckpointCB',
+           'SessionLimitCB', 'StopSignalCB', 'check_same_arch', 'model_state', 'Run', 'quiet_worker', 'make_learner',
+           'train', 'banner', 'model_from_checkpoint', 'validate', 'train_cli']
 
 # %% ../nbs/10_train.ipynb #5c25fcb5
 class Dist:
@@ -49,6 +50,13 @@ def save_atomic(obj, path):
     with open(tmp, 'wb') as f: torch.save(obj, f); f.flush(); os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
+
+def copy_atomic(src, dst):
+    "Copy file `src` to `dst` through a temporary file and a rename."
+    dst = Path(dst); tmp = dst.with_name(f'.{dst.name}.tmp{os.getpid()}')
+    with open(src, 'rb') as f, open(tmp, 'wb') as g: shutil.copyfileobj(f, g); g.flush(); os.fsync(g.fileno())
+    os.replace(tmp, dst)
+    return dst
 
 def load_checkpoint(path):
     "Load checkpoint `path` (weights only) with errors that name the file and the fix."
@@ -131,7 +139,8 @@ class HistoryCB(Callback):
         e, m = learn.epoch, learn.metrics
         lr, blr = self.plan.lr(self.plan.first_step(e) + self.plan.steps_per_epoch(e) - 1)
         row = dict(epoch=e + 1, stage=self.plan.stage(e), loss=m['loss'], iou=m['iou'], dice=m['dice'], lr=lr,
-                   backbone_lr=blr, seconds=round(time.time() - self.t0, 1), skipped_steps=getattr(learn, 'skipped', 0))
+                   backbone_lr=blr, seconds=round(time.time() - self.t0, 1), skipped_steps=getattr(learn, 'skipped', 0),
+                   overflow_steps=getattr(learn, 'overflows', 0))
         if flagged := getattr(learn.train_dl.dataset, 'test_trained', None):  # --allow-test-training: every row says so
             for r in learn.history: r.setdefault('test_trained', '')
             row['test_trained'] = ' '.join(flagged)
@@ -140,16 +149,23 @@ class HistoryCB(Callback):
         self.say(epoch_line(row))
         write_history(learn.history, self.out)
 
+def fmt_lr(lr):
+    "An LR as the guide prints it (6 decimals), in scientific notation below 1e-6, where 6 decimals would show 0."
+    return f'{lr:.6f}' if lr >= 1e-6 or lr == 0 else f'{lr:.3e}'
+
 def epoch_line(r):
-    "The guide's epoch line for history row `r`, with stage and time after the LR."
+    "The guide's epoch line for history row `r`, with stage, time and any skipped steps (run so far) after the LR."
+    n, o = r.get('skipped_steps', 0), r.get('overflow_steps', 0)
+    skipped = f" | Skipped steps: {n}{f' ({o} fp16 overflows)' if o else ''}" if n else ''
     return (f"Epoch {r['epoch']}: Loss: {r['loss']:.4f} | IoU: {r['iou']:.4f} | Dice: {r['dice']:.4f} | "
-            f"LR: {r['lr']:.6f} | Stage: {r['stage']} | Time: {r['seconds']:.0f}s")
+            f"LR: {fmt_lr(r['lr'])} | Stage: {r['stage']} | Time: {r['seconds']:.0f}s{skipped}")
 
 def write_history(history, out_dir):
     "Write history.csv and curves.png (loss, IoU, Dice, LR over epochs) into `out_dir`."
     out = Path(out_dir); tmp = out/'.history.csv.tmp'
     with open(tmp, 'w', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=list(history[0])); w.writeheader(); w.writerows(history)
+        keys = list(dict.fromkeys(k for r in history for k in r))  # rows of an older version may lack later columns
+        w = csv.DictWriter(f, fieldnames=keys, restval=''); w.writeheader(); w.writerows(history)
     tmp.replace(out/'history.csv')
     plot_history(history).savefig(out/'.curves.tmp.png', dpi=90); (out/'.curves.tmp.png').replace(out/'curves.png')
 
@@ -198,10 +214,10 @@ class RunState:
                 'epoch': epoch, 'batch': batch, 'global_step': learn.step_idx, 'stage': self.plan.stage(epoch),
                 'best_iou': self.best_iou, 'best_epoch': self.best_epoch, 'config': to_dict(self.cfg),
                 'plan': self.plan.to_dict(), 'history': learn.history, 'rng': rng_state(),
-                'loss_sum': loss_sum, 'codseg': __import__('codseg').__version__}
+                'loss_sum': None if loss_sum is None else loss_sum.cpu(), 'codseg': __import__('codseg').__version__}
 
 class CheckpointCB(Callback):
-    "Write last.pth after every epoch and best_model.pth on a better validation IoU, atomically."
+    "Write best_model.pth on a better validation IoU, then last.pth, each atomically, after every epoch."
     order = 80
     def __init__(self, state, out_dir, ema=None, say=print):
         self.state, self.out, self.ema, self.say = state, Path(out_dir), ema, say
@@ -209,10 +225,11 @@ class CheckpointCB(Callback):
         s, iou = self.state, learn.history[-1]['iou']
         better = iou > s.best_iou
         if better: s.best_iou, s.best_epoch = iou, learn.epoch + 1
-        last = save_atomic(s.checkpoint(learn, learn.epoch + 1, 0, self.ema), self.out/'last.pth')
-        if better:
-            tmp = self.out/'.best_model.pth.tmp'; tmp.write_bytes(last.read_bytes()); os.replace(tmp, self.out/'best_model.pth')
-            self.say(f'  saved best_model.pth (IoU {iou:.4f})')
+        ck = s.checkpoint(learn, learn.epoch + 1, 0, self.ema)
+        if not better: return save_atomic(ck, self.out/'last.pth')
+        # best first: last.pth never calls an epoch best that best_model.pth does not hold (see Run._newer_best)
+        copy_atomic(save_atomic(ck, self.out/'best_model.pth'), self.out/'last.pth')
+        self.say(f'  saved best_model.pth (IoU {iou:.4f})')
 
 class SessionLimitCB(Callback):
     "Stop after `stop_after` epochs, or when one more epoch would end past `time_limit` hours (after the checkpoint)."
@@ -227,27 +244,41 @@ class SessionLimitCB(Callback):
             learn.stopped = 'session limit'; raise CancelFitException()
 
 class StopSignalCB(Callback):
-    "On Ctrl-C or SIGTERM, save a resumable mid-epoch last.pth at the next step boundary, then stop."
+    "On SIGINT or SIGTERM, save a resumable mid-epoch last.pth at the next step boundary (or epoch end), then stop."
     order = 90
     def __init__(self, state, out_dir, metrics, ema=None, say=print):  # out_dir None: not the writing process
-        self.state, self.out, self.metrics, self.ema, self.say, self.flag = state, out_dir and Path(out_dir), metrics, ema, say, False
+        self.state, self.out, self.metrics, self.ema, self.say = state, out_dir and Path(out_dir), metrics, ema, say
+        self.signum, self.old = 0, {}
     def before_fit(self, learn):
         self.old = {}
         try:
             for s in (signal.SIGINT, signal.SIGTERM): self.old[s] = signal.signal(s, self._on_signal)
         except ValueError: self.old = {}  # not the main thread: no handlers
     def _on_signal(self, signum, frame):
-        self.flag = True
-        for s, h in self.old.items(): signal.signal(s, h)  # a second signal acts at once
+        "Note the first signal; a second Ctrl-C interrupts at once (a repeated SIGTERM, as torchrun forwards it, waits)."
+        if self.signum == signum == signal.SIGINT: signal.default_int_handler(signum, frame)
+        self.signum = self.signum or signum
+    def _agreed(self):
+        "The stop signal any process got (0: none), the same on every process at the same step."
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()): return self.signum  # no tensor, no host read
+        t = torch.tensor([self.signum], device='cuda' if dist.get_backend() == 'nccl' else 'cpu')
+        dist.all_reduce(t, op=dist.ReduceOp.MAX); return int(t.item())
     def after_step(self, learn):
-        stop = all_reduce_sum(torch.tensor([float(self.flag)])).item() > 0  # every process stops at the same step
-        if not stop: return
+        if not (signum := self._agreed()): return
         if self.out is not None:
             save_atomic(self.state.checkpoint(learn, learn.epoch, learn.iter + 1, self.ema, self.metrics.loss_sum),
                         self.out/'last.pth')
-            self.say(f'\nStopped by signal in epoch {learn.epoch + 1} after batch {learn.iter + 1}: saved {self.out/"last.pth"}; '
-                     'resume with --resume-from auto (or that path).')
-        learn.stopped = 'signal'; raise CancelFitException()
+            self.say(f'\nStopped by {signal.Signals(signum).name} in epoch {learn.epoch + 1} after batch {learn.iter + 1}: '
+                     f'saved {self.out/"last.pth"}; resume with --resume-from auto (or that path).')
+        self._stop(learn, signum)
+    def after_epoch(self, learn):  # a signal during validation: the epoch's own checkpoint (CheckpointCB) is the save
+        if not (signum := self._agreed()): return
+        if self.out is not None:
+            self.say(f'\nStopped by {signal.Signals(signum).name} after epoch {learn.epoch + 1}: {self.out/"last.pth"} '
+                     'holds it; resume with --resume-from auto (or that path).')
+        self._stop(learn, signum)
+    def _stop(self, learn, signum): learn.stopped, learn.signum = 'signal', signum; raise CancelFitException()
     def after_fit(self, learn):
         for s, h in self.old.items(): signal.signal(s, h)
     after_cancel_fit = after_fit
@@ -275,6 +306,7 @@ class Run:
         from codseg.data import build_data
         self.cfg, self.dist, self.say = resolve(cfg), dist, say if dist.main else (lambda *a, **k: None)
         if not self.cfg.dataset_path: raise ValueError('--dataset-path is required: a dataset folder, a /kaggle/input mount, or synthetic')
+        self.precision = pick_precision(dist.device, self.cfg.precision)  # (autocast dtype or None, why)
         self.src = find_resume(self.cfg, kaggle_input)
         self.ckpt = load_checkpoint(self.src) if self.src else None
         if self.ckpt is not None and 'config' in self.ckpt: check_same_arch(self.ckpt['config'], self.cfg, self.src)
@@ -282,6 +314,7 @@ class Run:
         fresh = self.cfg.pretrained and self.ckpt is None and not self.cfg.dry_run  # weights come from the hub only when needed
         self.model = build_model(replace(self.cfg, pretrained=fresh))
         if self.ckpt is not None: self._load_weights()
+        if self.full: self._newer_best()
         self.data = build_data(self.cfg, self.model.mean, self.model.std)
         self.n_train = len(self.data.train_ds)
         self.plan, self.note = self._plan()
@@ -292,6 +325,17 @@ class Run:
             raise ValueError(f'{self.src}: its weights do not fit this model ({str(e)[:300]}...): pass the --backbone '
                              'and --num-experts it was trained with; if they match, an earlier codseg version with a '
                              'different model wrote it: resume it with that version') from None
+
+    def _newer_best(self):
+        "Take the best from a best_model.pth beside the checkpoint written after it (a kill between the two writes)."
+        p = self.src.parent/'best_model.pth'
+        if self.src.name == p.name or not p.is_file(): return
+        try: b = torch.load(p, map_location='cpu', weights_only=True, mmap=True)
+        except Exception: return  # unreadable: the run goes on with last.pth's best, and overwrites it when beaten
+        if b.get('best_epoch', 0) > self.ckpt['best_epoch']:
+            self.ckpt['best_iou'], self.ckpt['best_epoch'] = b['best_iou'], b['best_epoch']
+            self.say(f"{p} holds epoch {b['best_epoch']} (IoU {b['best_iou']:.4f}), written just before {self.src} "
+                     'could record it: it stays the best so far')
 
     @property
     def full(self): return self.ckpt is not None and 'epoch' in self.ckpt
@@ -311,6 +355,12 @@ class Run:
         return e, self.ckpt['batch'] if self.full and self.ckpt['epoch'] == e else 0
 
 # %% ../nbs/10_train.ipynb #684d469e
+def quiet_worker(init, worker_id):
+    "A DataLoader worker's start: leave a SIGINT or SIGTERM to the whole process group to the main process; then `init`."
+    os.setpgid(0, 0)  # its own group: a signal to the run's group (a kernel or session stopping) does not reach it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # SIGTERM keeps torch's handler: the main process can still end it
+    if init is not None: init(worker_id)
+
 def make_learner(run: Run, extra_cbs=()):
     "The `Learner` for `run`, its optimizer, state restored from the resume checkpoint."
     from codseg.model import param_groups
@@ -323,6 +373,8 @@ def make_learner(run: Run, extra_cbs=()):
     bss = {1: cfg.batch_size, 2: cfg.stage2_batch_size}
     shared = {bs: mk(run.data.train_ds, bs, True) for bs in set(bss.values())}
     loaders = {s: shared[bs] for s, bs in bss.items()}
+    valid = mk(run.data.val_ds, 2 * max(bss.values()), False)
+    for dl in (*shared.values(), valid): dl.worker_init_fn = partial(quiet_worker, dl.worker_init_fn)
     model = run.model.to(dist.device)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     core = fast_model(model, cfg, dist.device)
@@ -330,15 +382,15 @@ def make_learner(run: Run, extra_cbs=()):
     state = RunState(cfg, plan, ck['history'] if ck else (), ck['best_iou'] if ck else -1.0, ck['best_epoch'] if ck else 0)
     out = Path(cfg.checkpoint_dir) if dist.main else None
     epoch, skip = run.start
-    metrics, guard = MetricsCB(SegMeter(), ck and skip and ck.get('loss_sum')), GradGuardCB(cfg.grad_clip)
+    metrics, guard = MetricsCB(SegMeter(), ck.get('loss_sum') if ck and skip else None), GradGuardCB(cfg.grad_clip)
     ema = EMACB(model, cfg.ema_decay, ck and ck.get('ema')) if cfg.ema else None
-    dtype = amp_dtype(dist.device, cfg.amp)
-    cbs = [StageCB(cfg, plan, loaders, dist), LRPlanCB(plan.lr), guard, metrics, ProgressCB(None if dist.main else True),
+    dtype = run.precision[0]
+    cbs = [StageCB(cfg, plan, loaders, dist), LRPlanCB(plan.lr), guard, metrics, ProgressCB(None if dist.main else True, say=run.say),
            HistoryCB(plan, out, run.say), WatchCB(run.say), StopSignalCB(state, out, metrics, ema, run.say),
            *([CheckpointCB(state, out, ema, run.say)] if out else []), *([AMPCB(dtype, ck and ck.get('scaler'))] if dtype else []),
            *([ema] if ema else []), *([ChannelsLastCB()] if cfg.channels_last else []),
            SessionLimitCB(cfg.stop_after, cfg.time_limit), *extra_cbs]
-    learn = Learner(core, loss_fn, opt, loaders[plan.stage(epoch)], mk(run.data.val_ds, 2 * max(bss.values()), False),
+    learn = Learner(core, loss_fn, opt, loaders[plan.stage(epoch)], valid,
                     cbs, dist.device, cfg.accumulation_steps, plan.first_step(epoch) + math.ceil(skip / cfg.accumulation_steps))
     learn.history, learn.skip_batches, learn.stopped, learn.core = state.history, skip, None, core
     if ck:  # the optimizer, RNG and counters of the checkpoint (the scaler and EMA states went to their callbacks)
@@ -346,7 +398,9 @@ def make_learner(run: Run, extra_cbs=()):
         except (ValueError, KeyError) as e: run.say(f'Warning: the optimizer state in {run.src} does not fit ({e}); '
                                                     'the weights are resumed, the optimizer starts afresh')
         set_rng_state(ck['rng'])
-        guard.skipped = learn.skipped = ck['history'][-1]['skipped_steps'] if ck['history'] else 0
+        last = ck['history'][-1] if ck['history'] else {}
+        guard.skipped = learn.skipped = last.get('skipped_steps', 0)
+        guard.overflows = learn.overflows = last.get('overflow_steps', 0)
     return learn
 
 # %% ../nbs/10_train.ipynb #963dca59
@@ -371,15 +425,15 @@ def train(cfg: Config = None, callbacks=(), kaggle_input='/kaggle/input', say=pr
         best = max(h, key=lambda r: r['iou'])
         run.say(f"Done: best IoU {best['iou']:.4f} at epoch {best['epoch']}; checkpoints in {out}")
     return {'history': h, 'best_iou': max((r['iou'] for r in h), default=None), 'checkpoint_dir': str(out),
-            'stopped': learn.stopped, 'last_epoch': h[-1]['epoch'] if h else epoch}
+            'stopped': learn.stopped, 'signal': getattr(learn, 'signum', 0), 'last_epoch': h[-1]['epoch'] if h else epoch}
 
 def banner(run) -> str:
-    "What the run is about to do: device, data, resume note and the LR plan."
+    "What the run is about to do: device, precision (and why), data, resume note and the LR plan."
     d = run.dist
-    amp = amp_dtype(d.device, run.cfg.amp)
+    amp = run.precision[0]
     return '\n'.join([f'codseg: {run.cfg.backbone} x{run.cfg.num_experts} experts on {d.device}'
                       f"{f' x{d.world} processes' if d.world > 1 else ''}, AMP {str(amp).replace('torch.', '') if amp else 'off'}",
-                      run.data.summary, f'Plan: {run.note}', run.plan.summary()] +
+                      f'Precision: {run.precision[1]}', run.data.summary, f'Plan: {run.note}', run.plan.summary()] +
                      [f"WARNING: this run trains or validates on the test set(s) {', '.join(t)}"
                       for t in [run.data.found.test_trained()] if t])
 
@@ -393,7 +447,7 @@ def _claim_dir(out, run):
     save_config(run.cfg, out/'config.json')
     prev = run.src and run.src.parent/'best_model.pth'  # a previous session's output attached elsewhere (Kaggle input)
     if prev and prev.is_file() and prev.parent.resolve() != out.resolve() and not (out/'best_model.pth').exists():
-        shutil.copyfile(prev, out/'.best_model.pth.tmp'); os.replace(out/'.best_model.pth.tmp', out/'best_model.pth')
+        copy_atomic(prev, out/'best_model.pth')
         run.say(f'copied {prev} beside the new checkpoints, so the best model so far goes on with the run')
 
 # %% ../nbs/10_train.ipynb #0b0803ac
@@ -427,6 +481,6 @@ def validate(checkpoint, device='auto', **overrides) -> dict:
 from .cli import train_parser  # the parser lives in the light codseg.cli: `codseg train --help` imports no torch
 
 def train_cli(argv=None) -> int:
-    "Run `codseg train` with flags `argv`; errors reach `codseg.cli.main`, which prints one line and sets the exit status."
-    train(from_args(train_parser().parse_args(argv)))
-    return 0
+    "Run `codseg train` with flags `argv`; 0 done, 128 + N after a resumable stop by signal N; errors reach `codseg.cli.main`."
+    r = train(from_args(train_parser().parse_args(argv)))
+    return 128 + r['signal'] if r.get('signal') else 0

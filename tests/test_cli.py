@@ -1,7 +1,7 @@
 "The command line as a new user meets it: fast --help, flags checked before anything heavy, one line per error, exit codes."
 import errno, os, subprocess, sys, time
 from pathlib import Path
-import pytest
+import cv2, numpy as np, pytest
 
 COMMANDS = ['train', 'lr-preview', 'data-check', 'make-synthetic', 'evaluate', 'predict', 'find-lr']
 
@@ -112,7 +112,7 @@ def test_errors_map_to_one_line_and_exit_status():
 def test_evaluate_predict_checkpoint_errors_one_prefix(tmp_path):
     "A corrupt --checkpoint: one line naming --checkpoint once (no '--resume-from' inside), exit 1."
     bad = tmp_path/'bad.pth'; bad.write_bytes(b'not a checkpoint')
-    (tmp_path/'in').mkdir(); (tmp_path/'in'/'a.png').write_bytes(b'')
+    (tmp_path/'in').mkdir(); cv2.imwrite(str(tmp_path/'in'/'a.png'), np.zeros((8, 8, 3), np.uint8))  # a good image
     for cmd, extra in (('evaluate', ['--dataset-path', 'synthetic']),
                        ('predict', ['--input', tmp_path/'in', '--output', tmp_path/'out'])):
         rc, out, err, _ = codseg(cmd, '--checkpoint', bad, '--device', 'cpu', *extra)

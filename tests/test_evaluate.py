@@ -119,6 +119,29 @@ def test_evaluate_noncam_tta_and_defaults(ckpt, tmp_path):
     assert (tmp_path/'o'/'eval_best_model_tta.json').is_file() and tta['images'] == 2 and tta['MAE'] != plain['MAE']
     with pytest.raises(ValueError, match='never writes into input folders'): evaluate(ckpt, root, output=root/'res', **quiet)
 
+def test_tta_is_the_mean_of_flipped_and_scaled_views(ckpt):
+    """--tta's probabilities equal, by hand, the mean of sigmoid(model) over the image and its horizontal mirror at
+    0.75, 1 and 1.25 times its size (sides rounded to a multiple of 32, at least 32), each unflipped and resized back."""
+    import torch.nn.functional as F
+    from codseg.evaluate import predict_probs
+    from codseg.train import model_from_checkpoint
+    model, _ = model_from_checkpoint(ckpt)
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    views = []
+    with torch.inference_mode():
+        for s in (0.75, 1.0, 1.25):
+            size = [max(32, round(d * s / 32) * 32) for d in (64, 96)]
+            v = F.interpolate(x, size=size, mode='bilinear', align_corners=False) if s != 1 else x
+            for flip in (False, True):
+                y = model(v.flip(-1) if flip else v)['logits'].float()
+                y = y.flip(-1) if flip else y
+                views.append(F.interpolate(y, size=(64, 96), mode='bilinear', align_corners=False).sigmoid())
+        hand = torch.stack(views).mean(0)
+        got, plain = predict_probs(model, x, tta=True), predict_probs(model, x)
+    assert got.shape == (2, 1, 64, 96) and torch.allclose(got, hand, atol=1e-6), (got - hand).abs().max()
+    assert torch.allclose(plain, model(x)['logits'].float().sigmoid(), atol=1e-6)
+    assert (got - plain).abs().max() > 1e-3  # the views really differ: the comparison above can fail
+
 def test_evaluate_bad_input_names_the_fix(ckpt, tmp_path):
     from codseg.cli import main
     put_pair(tmp_path/'d'/'images', tmp_path/'d'/'masks', 'x', 20, 20, 0)

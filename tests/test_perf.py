@@ -5,8 +5,9 @@ from dataclasses import replace
 from pathlib import Path
 import cv2, numpy as np, pytest, torch
 from codseg.config import Config
-from codseg.data import (SegDataset, build_data, eval_transform, train_transform, read_image, jpeg_size, read_bytes,
-                         input_scale, reduce_factor, DataError)
+from codseg.data import SegDataset, build_data, eval_transform, train_transform
+from codseg.image import DataError, read_image, jpeg_size, read_bytes, reduce_factor
+from codseg.cache import input_scale
 from codseg.layout import Pair
 from codseg.synthetic import make_scene
 
@@ -132,12 +133,28 @@ def last_line(capsys) -> str:
     return capsys.readouterr().out.strip().splitlines()[-1]
 
 
-def test_benchmarks_run_and_print_their_figure(capsys):
-    import loader_speed, cache_speed, memory_peak
+def figure(pattern, line):
+    "The ratio in benchmark line `line` (a float), which must match `pattern` with the ratio as group 1."
+    m = re.fullmatch(pattern, line)
+    assert m, line
+    return float(m[1])
+
+def test_loader_benchmark_smoke(capsys):
+    """Smoke test only (no floor: at this tiny size the figure swings from 0.04x to 1.2x with the load on a shared CPU):
+    loader_speed runs and prints its figure."""
+    import loader_speed
     loader_speed.main(['--n', '2', '--width', '320', '--height', '240', '--img-size', '64', '--repeats', '1'])
     assert re.fullmatch(r'loader vs decode-only: \d+\.\d+x', last_line(capsys))
+
+def test_cache_benchmark_keeps_a_floor(capsys):
+    """The cache speedup at a tiny size stays above 5x, well below what it measures (~45x here on the 2-core dev
+    container; target 3x at 1 MP), so a 10x regression fails."""
+    import cache_speed
     cache_speed.main(['--n', '2', '--width', '320', '--height', '240', '--img-size', '64', '--repeats', '1'])
-    assert re.fullmatch(r'cache speedup: \d+\.\dx', last_line(capsys))
+    assert figure(r'cache speedup: (\d+\.\d)x', last_line(capsys)) >= 5
+
+def test_memory_benchmark_smoke():
+    "Smoke test only (no floor: at 64 px and batch 1 checkpointing saves nothing): memory_peak runs and prints its figure."
     # memory_peak re-runs itself with glibc's mmap threshold lowered, so RSS shows each step's allocations: run it
     # as a script (in this long-lived test process freed heap is reused and an RSS delta means nothing)
     out = subprocess.run([sys.executable, str(BENCH/'memory_peak.py'), '--backbones', 'edgenext_xx_small', '--batches', '1',
@@ -151,7 +168,8 @@ def test_benchmarks_run_and_print_their_figure(capsys):
 def test_trainer_overhead_benchmark_runs(capsys):
     import trainer_overhead
     trainer_overhead.main(['--img-size', '64', '--batch', '2', '--batches', '2', '--repeats', '1', '--device', 'cpu'])
-    assert re.fullmatch(r'trainer overhead: \d+\.\d+x', last_line(capsys))
+    m = re.fullmatch(r'trainer overhead: \d+\.\d+x \(host reads per step: (\d+\.\d+)\)', last_line(capsys))
+    assert m and float(m[1]) <= 1.0, m
 
 
 FORK_SCRIPT = '''
@@ -179,7 +197,7 @@ def test_workers_start_after_the_parent_used_opencv_threads():
 
 def test_cache_shares_under_ddp(cod, tmp_path):
     "Each process makes the entries of items rank, rank + world, ...; together they make every entry once."
-    from codseg.data import fill_cache, use_cache
+    from codseg.cache import fill_cache, use_cache
     ds = build_data(Config(dataset_path=str(cod), img_size=64), MEAN, STD).train_ds
     made = [fill_cache(ds, tmp_path, workers=1, rank=r, world=3) for r in range(3)]
     assert made == [len(range(r, len(ds), 3)) for r in range(3)] and use_cache(ds, tmp_path, 1) == len(ds)

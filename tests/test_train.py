@@ -5,7 +5,7 @@ import pytest
 import torch
 
 GUIDE = Path(__file__).resolve().parents[1]/'docs'/'lr-scheduler-guide.md'
-EPOCH = re.compile(r'^Epoch (\d+): Loss: ([\d.]+|nan|inf) \| IoU: ([\d.]+) \| Dice: ([\d.]+) \| LR: ([\d.]+)', re.M)
+EPOCH = re.compile(r'^Epoch (\d+): Loss: ([\d.]+|nan|inf) \| IoU: ([\d.]+) \| Dice: ([\d.]+) \| LR: ([\d.]+(?:e-\d+)?)', re.M)
 
 def codseg(*args, check=True, **kw):
     "Run `python -m codseg ARGS`, returning the completed process."
@@ -79,38 +79,54 @@ def test_resume_is_exact(data, tmp_path):
     for k in ('model', 'ema'): assert all(torch.equal(a[k][n], b[k][n]) for n in a[k]), k
     assert [h['loss'] for h in a['history']] == [h['loss'] for h in b['history']]
 
-def test_sigkill_then_resume(data, tmp_path):
-    ck = tmp_path/'ck'
-    args = ['--dataset-path', data, '--backbone', 'edgenext_xx_small', '--no-pretrained', '--img-size', 64,
-            '--epochs', 6, '--stage1-epochs', 2, '--batch-size', 1, '--accumulation-steps', 1, '--num-workers', 0,
-            '--num-experts', 3, '--checkpoint-dir', ck]
-    p = subprocess.Popen([sys.executable, '-m', 'codseg', 'train', *map(str, args)], stdout=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (ck/'last.pth').exists() and time.time() < deadline: time.sleep(0.2)
-    time.sleep(0.7)  # well inside a later epoch
-    p.send_signal(signal.SIGKILL); p.wait()
-    assert torch.load(ck/'last.pth', weights_only=True)['epoch'] >= 1
-    r = codseg('train', *args, '--resume-from', 'auto')
-    assert max(epoch_lrs(r.stdout)) == 6
-    assert not [f for f in os.listdir(ck) if '.tmp' in f]
-    assert torch.load(ck/'last.pth', weights_only=True)['epoch'] == 6
+INTERRUPTED = ['--backbone', 'edgenext_xx_small', '--no-pretrained', '--img-size', 64, '--epochs', 3, '--stage1-epochs', 1,
+               '--batch-size', 1, '--accumulation-steps', 2, '--num-workers', 0, '--num-experts', 3, '--ema']
 
-def test_stop_signal_saves_mid_epoch(data, tmp_path):
-    ck = tmp_path/'ck'
-    args = ['--dataset-path', data, '--backbone', 'edgenext_xx_small', '--no-pretrained', '--img-size', 64,
-            '--epochs', 3, '--stage1-epochs', 1, '--batch-size', 1, '--accumulation-steps', 2, '--num-workers', 0,
-            '--num-experts', 3, '--checkpoint-dir', ck]
+@pytest.fixture(scope='module')
+def straight(data, tmp_path_factory):
+    "last.pth of the uninterrupted run the interrupted ones must equal."
+    ck = tmp_path_factory.mktemp('straight')
+    codseg('train', '--dataset-path', data, *INTERRUPTED, '--checkpoint-dir', ck)
+    return torch.load(ck/'last.pth', weights_only=True)
+
+def start(args, **kw):
+    "Start `codseg train ARGS`; return the process once its second epoch is under way (a progress line of it)."
     p = subprocess.Popen([sys.executable, '-m', 'codseg', 'train', *map(str, args)], stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+                         stderr=subprocess.STDOUT, text=True, env={**os.environ, 'PYTHONUNBUFFERED': '1'}, **kw)
+    seen = []
     for line in p.stdout:
-        if line.startswith('Epoch 1:'): break
-    time.sleep(0.5); p.send_signal(signal.SIGTERM)
-    out = p.stdout.read(); p.wait()
-    assert p.returncode == 0 and 'Stopped by signal' in out, out
-    c = torch.load(ck/'last.pth', weights_only=True)
-    assert c['batch'] > 0 and c['batch'] % 2 == 0
+        seen.append(line)
+        if line.startswith('  epoch 2: batch'): return p, seen
+    raise AssertionError(''.join(seen))
+
+def same_run(a, b):
+    "Whether two final checkpoints hold the same weights, EMA weights and per-epoch losses."
+    return (all(torch.equal(a[k][n], b[k][n]) for k in ('model', 'ema') for n in a[k])
+            and [h['loss'] for h in a['history']] == [h['loss'] for h in b['history']])
+
+def test_sigkill_then_resume(data, straight, tmp_path):
+    ck = tmp_path/'ck'
+    args = ['--dataset-path', data, *INTERRUPTED, '--checkpoint-dir', ck]
+    p, _ = start(args)
+    p.send_signal(signal.SIGKILL); p.wait()
+    assert torch.load(ck/'last.pth', weights_only=True)['epoch'] == 1
     r = codseg('train', *args, '--resume-from', 'auto')
-    assert max(epoch_lrs(r.stdout)) == 3
+    assert sorted(epoch_lrs(r.stdout)) == [2, 3]
+    assert not [f for f in os.listdir(ck) if '.tmp' in f]
+    assert same_run(straight, torch.load(ck/'last.pth', weights_only=True))
+
+def test_stop_signal_saves_mid_epoch(data, straight, tmp_path):
+    ck = tmp_path/'ck'
+    args = ['--dataset-path', data, *INTERRUPTED, '--checkpoint-dir', ck]
+    p, seen = start(args)
+    p.send_signal(signal.SIGTERM)
+    out = ''.join(seen) + p.stdout.read(); p.wait()
+    assert p.returncode == 128 + signal.SIGTERM and 'Stopped by SIGTERM in epoch 2' in out, out
+    c = torch.load(ck/'last.pth', weights_only=True)
+    assert c['epoch'] == 1 and c['batch'] > 0 and c['batch'] % 2 == 0
+    r = codseg('train', *args, '--resume-from', 'auto')
+    assert sorted(epoch_lrs(r.stdout)) == [2, 3]
+    assert same_run(straight, torch.load(ck/'last.pth', weights_only=True))
 
 def sha(p): return hashlib.sha256(Path(p).read_bytes()).hexdigest()
 
