@@ -13,6 +13,8 @@ import torch
 from .config import Config, resolve, add_args, from_args, to_dict, from_dict, save_config, DATA, MODEL, PLAN, TRAIN
 from .learner import (Learner, Callback, CancelFitException, LRPlanCB, AMPCB, GradGuardCB, EMACB, MetricsCB,
                             ProgressCB, TrainingDiverged, DIVERGE_ADVICE, pick_precision, all_reduce_sum, unwrap)
+from .track import (HISTORY_EXTRA, LABELS, TrackCB, best_row, best_so_far, epoch_tail, is_better, monitor_key,
+                          track_callbacks)
 
 # %% auto #0
 __all__ = ['PLATEAU_ADVICE', 'ARCH', 'Dist', 'seed_everything', 'save_atomic', 'copy_atomic', 'load_checkpoint', 'rng_state',
@@ -140,7 +142,7 @@ class HistoryCB(Callback):
         lr, blr = self.plan.lr(self.plan.first_step(e) + self.plan.steps_per_epoch(e) - 1)
         row = dict(epoch=e + 1, stage=self.plan.stage(e), loss=m['loss'], iou=m['iou'], dice=m['dice'], lr=lr,
                    backbone_lr=blr, seconds=round(time.time() - self.t0, 1), skipped_steps=getattr(learn, 'skipped', 0),
-                   overflow_steps=getattr(learn, 'overflows', 0))
+                   overflow_steps=getattr(learn, 'overflows', 0), **{k: m[k] for k in HISTORY_EXTRA if k in m})
         if flagged := getattr(learn.train_dl.dataset, 'test_trained', None):  # --allow-test-training: every row says so
             for r in learn.history: r.setdefault('test_trained', '')
             row['test_trained'] = ' '.join(flagged)
@@ -158,7 +160,7 @@ def epoch_line(r):
     n, o = r.get('skipped_steps', 0), r.get('overflow_steps', 0)
     skipped = f" | Skipped steps: {n}{f' ({o} fp16 overflows)' if o else ''}" if n else ''
     return (f"Epoch {r['epoch']}: Loss: {r['loss']:.4f} | IoU: {r['iou']:.4f} | Dice: {r['dice']:.4f} | "
-            f"LR: {fmt_lr(r['lr'])} | Stage: {r['stage']} | Time: {r['seconds']:.0f}s{skipped}")
+            f"LR: {fmt_lr(r['lr'])} | Stage: {r['stage']} | Time: {r['seconds']:.0f}s{skipped}{epoch_tail(r)}")
 
 def write_history(history, out_dir):
     "Write history.csv and curves.png (loss, IoU, Dice, LR over epochs) into `out_dir`."
@@ -177,6 +179,9 @@ def plot_history(history):
     fig, axs = plt.subplots(1, 4, figsize=(14, 3)); plt.close(fig)
     for ax, k in zip(axs, ('loss', 'iou', 'dice', 'lr')):
         ax.plot(ep, [r[k] for r in history], marker='.'); ax.set_title(k if k != 'lr' else 'LR (decoder)'); ax.set_xlabel('epoch')
+        if k == 'loss' and any('val_loss' in r for r in history):
+            ax.plot(ep, [r.get('val_loss', math.nan) for r in history], marker='.')
+            ax.legend(['training', 'validation'], fontsize=7)
     fig.tight_layout(); return fig
 
 # %% ../nbs/10_train.ipynb #4f61cb8f
@@ -204,15 +209,17 @@ class WatchCB(Callback):
 # %% ../nbs/10_train.ipynb #869c9ba0
 class RunState:
     "What a checkpoint holds besides the weights: where the run is and what it has seen."
-    def __init__(self, cfg, plan, history=(), best_iou=-1.0, best_epoch=0):
+    def __init__(self, cfg, plan, history=(), best_iou=-1.0, best_epoch=0, best_score=None):  # best_score: of cfg.monitor
         self.cfg, self.plan, self.history, self.best_iou, self.best_epoch = cfg, plan, list(history), best_iou, best_epoch
+        self.best_score, self.track = best_score, {}  # track: the loggers' state (the W&B run id)
 
     def checkpoint(self, learn, epoch, batch, ema=None, loss_sum=None):
         "The weights-only-loadable checkpoint of `learn` before (epoch, batch) — the next work to do."
         return {'model': unwrap(learn.model).state_dict(), 'optimizer': learn.opt.state_dict(),
                 'scaler': learn.scaler.state_dict(), 'ema': ema.ema.state_dict() if ema else None,
                 'epoch': epoch, 'batch': batch, 'global_step': learn.step_idx, 'stage': self.plan.stage(epoch),
-                'best_iou': self.best_iou, 'best_epoch': self.best_epoch, 'config': to_dict(self.cfg),
+                'best_iou': self.best_iou, 'best_epoch': self.best_epoch, 'monitor': self.cfg.monitor,
+                'best_score': self.best_score, 'track': dict(self.track), 'config': to_dict(self.cfg),
                 'plan': self.plan.to_dict(), 'history': learn.history, 'rng': rng_state(),
                 'loss_sum': None if loss_sum is None else loss_sum.cpu(), 'codseg': __import__('codseg').__version__}
 
@@ -222,14 +229,15 @@ class CheckpointCB(Callback):
     def __init__(self, state, out_dir, ema=None, say=print):
         self.state, self.out, self.ema, self.say = state, Path(out_dir), ema, say
     def after_epoch(self, learn):
-        s, iou = self.state, learn.history[-1]['iou']
-        better = iou > s.best_iou
-        if better: s.best_iou, s.best_epoch = iou, learn.epoch + 1
+        s, row = self.state, learn.history[-1]
+        key = monitor_key(s.cfg.monitor)
+        better = is_better(s.cfg.monitor, row.get(key), s.best_score)
+        if better: s.best_score, s.best_iou, s.best_epoch = row[key], row['iou'], learn.epoch + 1
         ck = s.checkpoint(learn, learn.epoch + 1, 0, self.ema)
         if not better: return save_atomic(ck, self.out/'last.pth')
         # best first: last.pth never calls an epoch best that best_model.pth does not hold (see Run._newer_best)
         copy_atomic(save_atomic(ck, self.out/'best_model.pth'), self.out/'last.pth')
-        self.say(f'  saved best_model.pth (IoU {iou:.4f})')
+        self.say(f'  saved best_model.pth ({LABELS[key]} {row[key]:.4f})')
 
 class SessionLimitCB(Callback):
     "Stop after `stop_after` epochs, or when one more epoch would end past `time_limit` hours (after the checkpoint)."
@@ -333,7 +341,7 @@ class Run:
         try: b = torch.load(p, map_location='cpu', weights_only=True, mmap=True)
         except Exception: return  # unreadable: the run goes on with last.pth's best, and overwrites it when beaten
         if b.get('best_epoch', 0) > self.ckpt['best_epoch']:
-            self.ckpt['best_iou'], self.ckpt['best_epoch'] = b['best_iou'], b['best_epoch']
+            self.ckpt.update({k: b[k] for k in ('best_iou', 'best_epoch', 'monitor', 'best_score') if k in b})
             self.say(f"{p} holds epoch {b['best_epoch']} (IoU {b['best_iou']:.4f}), written just before {self.src} "
                      'could record it: it stays the best so far')
 
@@ -379,9 +387,11 @@ def make_learner(run: Run, extra_cbs=()):
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     core = fast_model(model, cfg, dist.device)
     loss_fn = CODLoss(cfg.loss, aux_weight=cfg.aux_weight, balance_weight=cfg.balance_weight)
-    state = RunState(cfg, plan, ck['history'] if ck else (), ck['best_iou'] if ck else -1.0, ck['best_epoch'] if ck else 0)
+    state = RunState(cfg, plan, ck['history'] if ck else (), ck['best_iou'] if ck else -1.0, ck['best_epoch'] if ck else 0,
+                     best_so_far(ck, cfg.monitor)[0])
     out = Path(cfg.checkpoint_dir) if dist.main else None
     epoch, skip = run.start
+    step = plan.first_step(epoch) + math.ceil(skip / cfg.accumulation_steps)
     metrics, guard = MetricsCB(SegMeter(), ck.get('loss_sum') if ck and skip else None), GradGuardCB(cfg.grad_clip)
     ema = EMACB(model, cfg.ema_decay, ck and ck.get('ema')) if cfg.ema else None
     dtype = run.precision[0]
@@ -389,9 +399,9 @@ def make_learner(run: Run, extra_cbs=()):
            HistoryCB(plan, out, run.say), WatchCB(run.say), StopSignalCB(state, out, metrics, ema, run.say),
            *([CheckpointCB(state, out, ema, run.say)] if out else []), *([AMPCB(dtype, ck and ck.get('scaler'))] if dtype else []),
            *([ema] if ema else []), *([ChannelsLastCB()] if cfg.channels_last else []),
-           SessionLimitCB(cfg.stop_after, cfg.time_limit), *extra_cbs]
+           SessionLimitCB(cfg.stop_after, cfg.time_limit), *track_callbacks(run, state, step), *extra_cbs]
     learn = Learner(core, loss_fn, opt, loaders[plan.stage(epoch)], valid,
-                    cbs, dist.device, cfg.accumulation_steps, plan.first_step(epoch) + math.ceil(skip / cfg.accumulation_steps))
+                    cbs, dist.device, cfg.accumulation_steps, step)
     learn.history, learn.skip_batches, learn.stopped, learn.core = state.history, skip, None, core
     if ck:  # the optimizer, RNG and counters of the checkpoint (the scaler and EMA states went to their callbacks)
         try: opt.load_state_dict(ck['optimizer'])
@@ -418,12 +428,13 @@ def train(cfg: Config = None, callbacks=(), kaggle_input='/kaggle/input', say=pr
     try: learn.fit(range(epoch, run.plan.epochs))
     finally:
         for cb in learn.cbs:
-            if isinstance(cb, StopSignalCB): cb.after_fit(learn)
+            if isinstance(cb, (StopSignalCB, TrackCB)): cb.after_fit(learn)  # handlers restored, logs flushed and closed
     dist.barrier()
     h = learn.history
     if dist.main and h and learn.stopped is None:
-        best = max(h, key=lambda r: r['iou'])
-        run.say(f"Done: best IoU {best['iou']:.4f} at epoch {best['epoch']}; checkpoints in {out}")
+        best, key = best_row(h, cfg.monitor) or h[-1], monitor_key(cfg.monitor)
+        by = '' if key == 'iou' else f" ({LABELS[key]} {best.get(key, math.nan):.4f}, by --monitor {cfg.monitor})"
+        run.say(f"Done: best IoU {best['iou']:.4f} at epoch {best['epoch']}{by}; checkpoints in {out}")
     return {'history': h, 'best_iou': max((r['iou'] for r in h), default=None), 'checkpoint_dir': str(out),
             'stopped': learn.stopped, 'signal': getattr(learn, 'signum', 0), 'last_epoch': h[-1]['epoch'] if h else epoch}
 
