@@ -224,7 +224,7 @@ class RunState:
                 'loss_sum': None if loss_sum is None else loss_sum.cpu(), 'codseg': __import__('codseg').__version__}
 
 class CheckpointCB(Callback):
-    "Write best_model.pth on a better validation IoU, then last.pth, each atomically, after every epoch."
+    "Write best_model.pth on a better validation measure (--monitor), then last.pth, each atomically, after every epoch."
     order = 80
     def __init__(self, state, out_dir, ema=None, say=print):
         self.state, self.out, self.ema, self.say = state, Path(out_dir), ema, say
