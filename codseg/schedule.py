@@ -13,13 +13,22 @@ from typing import Callable, NamedTuple
 from .config import Config, PLAN, resolve
 
 # %% auto #0
-__all__ = ['CURVES', 'PlanError', 'fmt_lr', 'batches_per_epoch', 'steps_per_epoch', 'cos_anneal', 'onecycle', 'Cycle',
-           'restart_cycles', 'restart_lr', 'PlanSettings', 'plan_settings', 'Curve', 'Segment', 'Row', 'Plan',
-           'make_plan', 'cycle_starts', 'key_steps', 'plan_summary', 'resume_plan']
+__all__ = ['CURVES', 'PlanError', 'PlanComplete', 'fmt_lr', 'batches_per_epoch', 'steps_per_epoch', 'cos_anneal', 'onecycle',
+           'Cycle', 'restart_cycles', 'restart_lr', 'PlanSettings', 'plan_settings', 'Curve', 'Segment', 'check_plan',
+           'Row', 'Plan', 'make_plan', 'cycle_starts', 'key_steps', 'plan_summary', 'resume_plan']
 
 # %% ../nbs/07_schedule.ipynb #01cdde80
 class PlanError(ValueError):
     "A plan setting that makes no sense; the message names the flag and the fix."
+
+class PlanComplete(PlanError):
+    "The run has trained every epoch of `--epochs`: nothing left to train (the CLI reports it as done, exit 0)."
+    def __init__(self, done: int, epochs: int):
+        self.done, self.epochs = done, epochs
+        super().__init__(f'the run has finished {done} epochs of --epochs {epochs}: nothing left to train; '
+                         'raise --epochs to continue')
+
+    def __reduce__(self): return type(self), (self.done, self.epochs)
 
 def _flag(name: str) -> str: return '--' + name.replace('_', '-')
 
@@ -166,8 +175,9 @@ class Segment:
         return self.curve.lr(self, s - self.warmup, self.n - self.warmup)
 
 # %% ../nbs/07_schedule.ipynb #7f4e8b4f
-def _check(s: PlanSettings, n_train: int, world_size: int):
-    "Refuse settings no plan can be made from."
+def check_plan(s: PlanSettings | Config, n_train: int = 1, world_size: int = 1) -> PlanSettings:
+    "The `PlanSettings` of `s` (a `Config` or `PlanSettings`), or `PlanError` naming the flag and the fix."
+    if isinstance(s, Config): s = plan_settings(s)
     def need(ok, msg):
         if not ok: raise PlanError(msg)
     for k in ('lr', 'stage2_lr', 'min_lr'):
@@ -188,6 +198,7 @@ def _check(s: PlanSettings, n_train: int, world_size: int):
     need(s.backbone_lr_mult >= 0, f'--backbone-lr-mult {s.backbone_lr_mult} is negative: give 0 or more')
     need(n_train >= 1, f'the training set is empty ({n_train} items): check --dataset-path (or --train-size)')
     need(world_size >= 1, f'world size {world_size} must be at least 1')
+    return s
 
 def _check_segment(g: Segment, s: PlanSettings, origin: int):
     "Refuse a segment whose warmup, floor or restart cycles make no sense."
@@ -291,10 +302,10 @@ class Plan:
 # %% ../nbs/07_schedule.ipynb #94e460f1
 def _build(s: PlanSettings, n_train: int, world_size: int, origin: int, note: str = '') -> Plan:
     "The plan of settings `s` made from epoch `origin`."
-    _check(s, n_train, world_size)
+    check_plan(s, n_train, world_size)
     E, E1 = s.epochs, s.stage1_epochs
-    if not 0 <= origin < E:
-        raise PlanError(f'the run is at epoch {origin} of --epochs {E}: nothing left to train; raise --epochs')
+    if origin < 0: raise PlanError(f'the plan cannot start at epoch {origin}: give 0 or more')
+    if origin >= E: raise PlanComplete(origin, E)
     spe = lambda stage: steps_per_epoch(n_train, s.stage_batch(stage), s.accumulation_steps, world_size)
     segs = []
     if s.stage(origin) == 1 and not s.skip_stage1: segs.append(_segment(s, 1, origin, E1, spe(1)))
@@ -382,9 +393,7 @@ def _changes(old: dict, new: dict, ignore=()) -> list:
 def resume_plan(cfg: Config, saved: dict | None, n_train: int, world_size: int, epoch: int, step: int) -> tuple:
     "(Plan, note) for resuming at `epoch` (next to run, 0-based) and global `step` from a checkpoint's `saved` plan dict."
     new, old = plan_settings(cfg), dict(saved or {})
-    if epoch >= new.epochs:
-        raise PlanError(f'the checkpoint has finished {epoch} epochs of --epochs {new.epochs}: nothing left to '
-                        'train; raise --epochs to continue')
+    if epoch >= new.epochs: raise PlanComplete(epoch, new.epochs)
     in_stage2 = new.stage(epoch) == 2 and epoch >= old.get('stage1_epochs', epoch)
     changed = _changes(old, asdict(new), ('skip_stage1',) if in_stage2 else ()) if saved else ['no saved plan']
     origin = old.get('origin', 0)
