@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from .config import Config, resolve, from_args
-from .cli import find_lr_parser, one_line
+from .cli import CHECKPOINT_FIX, check_sweep, find_lr_parser, one_line
 from .learner import Learner, Callback, CancelFitException, GradGuardCB, AMPCB, amp_dtype
 
 # %% auto #0
@@ -24,24 +24,26 @@ def sweep_lr(i: int, start: float, end: float, steps: int) -> float:
 
 class LRFinderCB(Callback):
     "Raise the LR exponentially per optimizer step, record the loss, stop at `steps` or on divergence."
-    order = 0  # sets the LR before GradGuardCB (10) unscales and clips; sees a non-finite loss before it is skipped
+    order = 0  # sets the LR before GradGuardCB (10) unscales and clips; sees a non-finite loss first
     def __init__(self, start: float, end: float, steps: int,
                  backbone_mult: float,  # backbone group LR = LR x this
-                 diverge: float = 4.0,  # stop when the smoothed loss exceeds this multiple of its lowest value
-                 beta: float = 0.98,  # decay of the smoothed loss (fastai's debiased exponential moving average)
+                 diverge: float = 4.0,  # stop when the smoothed loss exceeds this multiple of its lowest
+                 beta: float = 0.98,  # decay of the smoothed loss (fastai's debiased moving average)
                  patience: int = 5,  # stop after this many steps in a row with non-finite gradients
                  progress=None):  # tqdm's disable: None (auto), True (off), False (on)
-        self.start, self.end, self.steps, self.mult, self.diverge, self.beta, self.patience, self.progress = \
-            start, end, steps, backbone_mult, diverge, beta, patience, progress
+        self.start, self.end, self.steps, self.mult = start, end, steps, backbone_mult
+        self.diverge, self.beta, self.patience, self.progress = diverge, beta, patience, progress
 
     def before_fit(self, learn):
         from tqdm.auto import tqdm
         self.lrs, self.losses, self.smooth, self.group = [], [], [], []
         self.avg, self.best, self.stop, self.skipped = 0.0, math.inf, None, 0
-        self.bar = tqdm(total=self.steps, desc='find-lr', leave=False, disable=self.progress, file=sys.stderr, dynamic_ncols=True)
+        self.bar = tqdm(total=self.steps, desc='find-lr', leave=False, disable=self.progress, file=sys.stderr,
+                        dynamic_ncols=True)
 
     def before_train(self, learn):
-        if hasattr(getattr(learn.train_dl, 'sampler', None), 'set_epoch'): learn.train_dl.sampler.set_epoch(learn.epoch)
+        sampler = getattr(learn.train_dl, 'sampler', None)
+        if hasattr(sampler, 'set_epoch'): sampler.set_epoch(learn.epoch)
 
     def after_loss(self, learn):
         if not learn.training: return
@@ -50,24 +52,33 @@ class LRFinderCB(Callback):
 
     def before_step(self, learn):
         self.lr = sweep_lr(len(self.lrs), self.start, self.end, self.steps)
-        for g in learn.opt.param_groups: g['lr'] = self.lr * (self.mult if g.get('kind') == 'backbone' else 1.0)
+        for g in learn.opt.param_groups:
+            g['lr'] = self.lr * (self.mult if g.get('kind') == 'backbone' else 1.0)
 
-    def after_step(self, learn): self.skipped = 0; self._record(learn)
+    def after_step(self, learn):
+        self.skipped = 0
+        self._record(learn)
+
     def after_cancel_step(self, learn):
         "A dropped step (non-finite gradients): retry its LR, unless it keeps happening."
         self.group, self.skipped = [], self.skipped + 1
-        if self.skipped >= self.patience: self._record(learn, f'the gradients were not finite in {self.skipped} steps in a row')
+        if self.skipped >= self.patience:
+            self._record(learn, f'the gradients were not finite in {self.skipped} steps in a row')
 
     def _record(self, learn, why=None):
         "Log this step's LR and loss; stop at the end of the sweep or on divergence."
         loss = float(np.mean(self.group)) if self.group and why is None else math.inf
-        self.lrs.append(sweep_lr(len(self.lrs), self.start, self.end, self.steps)); self.losses.append(loss); self.group = []
-        self.bar.update(); self.bar.set_postfix(lr=f'{self.lrs[-1]:.1e}', loss=f'{loss:.4f}', refresh=False)
+        self.lrs.append(sweep_lr(len(self.lrs), self.start, self.end, self.steps))
+        self.losses.append(loss)
+        self.group = []
+        self.bar.update()
+        self.bar.set_postfix(lr=f'{self.lrs[-1]:.1e}', loss=f'{loss:.4f}', refresh=False)
         if math.isfinite(loss):
             self.avg = self.beta * self.avg + (1 - self.beta) * loss
             self.smooth.append(self.avg / (1 - self.beta ** len(self.smooth + [0])))
             self.best = min(self.best, self.smooth[-1])
-            if self.smooth[-1] > self.diverge * self.best: why = f'the smoothed loss passed {self.diverge:g}x its lowest'
+            if self.smooth[-1] > self.diverge * self.best:
+                why = f'the smoothed loss passed {self.diverge:g}x its lowest'
         else: self.smooth.append(math.inf)
         if why: self.stop = f'{why} at LR {self.lrs[-1]:.2e}'
         if why or len(self.lrs) >= self.steps: raise CancelFitException()
@@ -90,9 +101,10 @@ def steep(lrs, losses) -> int:
     "fastai's steep: index where the loss falls fastest per unit of log LR."
     return int(np.argmin(np.diff(losses) / np.diff(np.log(lrs))))
 
-def suggest_lr(lrs, smooth, num_it: int | None = None,  # the planned steps (fastai trims num_it // 10 from the start)
+def suggest_lr(lrs, smooth,
+               num_it: int | None = None,  # the planned steps (fastai trims num_it // 10 from the start)
                min_points: int = 8) -> dict:  # fewer usable points than this suggest nothing
-    "fastai's valley (the suggestion) and steep LRs from the smoothed loss, both where the loss falls; and a note."
+    "fastai's valley (the suggestion) and steep LRs of the smoothed loss, both where it falls; and a note."
     lrs, smooth = np.asarray(lrs, float), np.asarray(smooth, float)
     n = int(np.argmax(~np.isfinite(smooth))) if not np.isfinite(smooth).all() else len(smooth)
     a, b = (num_it or len(lrs)) // 10, min(n, len(smooth) - 5)  # fastai's [num_it // 10:-5], and finite
@@ -108,24 +120,37 @@ def suggest_lr(lrs, smooth, num_it: int | None = None,  # the planned steps (fas
                 smooth=smooth.tolist(), note=note)
 
 # %% ../nbs/12_findlr.ipynb #cb957ba6
+def _loss_range(losses: np.ndarray, smooth: np.ndarray) -> tuple:
+    "The y range: a little below the lowest loss to a little above the start (a blow-up runs off the top)."
+    fin, s = losses[np.isfinite(losses)], smooth[np.isfinite(smooth)]
+    top = min(fin.max(), 1.25 * s[0] if len(s) else fin.max())
+    low = fin[fin <= top].min()
+    return low - 0.05 * (top - low), top + 0.05 * (top - low) + 1e-12
+
 def plot_lr_find(res: dict, ax=None):
     "A figure of loss against LR (log x) from a `find_lr` result, the suggestion marked."
     import matplotlib.pyplot as plt
-    if ax is None: fig, ax = plt.subplots(figsize=(7, 3.8)); plt.close(fig)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7, 3.8))
+        plt.close(fig)
     lrs, losses, s = res['lrs'], np.asarray(res['losses'], float), res['smooth']
     ax.plot(lrs, losses, color='C0', alpha=0.3, lw=1, label='loss per step')
     if len(s): ax.plot(lrs[:len(s)], s, color='C0', lw=2, label='smoothed (EMA, beta 0.98)')
-    if res.get('steep_lr'): ax.axvline(res['steep_lr'], color='0.5', ls=':', label=f"steepest fall {res['steep_lr']:.1e}")
-    if res.get('suggestion'): ax.axvline(res['suggestion'], color='C3', ls='--', label=f"suggestion (valley) {res['suggestion']:.1e}")
-    fin = losses[np.isfinite(losses)]
-    s = np.asarray(s, float); s = s[np.isfinite(s)]
-    if len(fin):  # from a little below the lowest loss to a little above the start (a final blow-up runs off the top)
-        top = min(fin.max(), 1.25 * s[0] if len(s) else fin.max()); low = fin[fin <= top].min()
-        ax.set_ylim(low - 0.05 * (top - low), top + 0.05 * (top - low) + 1e-12)
+    if res.get('steep_lr'):
+        ax.axvline(res['steep_lr'], color='0.5', ls=':', label=f"steepest fall {res['steep_lr']:.1e}")
+    if res.get('suggestion'):
+        label = f"suggestion (valley) {res['suggestion']:.1e}"
+        ax.axvline(res['suggestion'], color='C3', ls='--', label=label)
+    if np.isfinite(losses).any(): ax.set_ylim(*_loss_range(losses, np.asarray(s, float)))
     bb = f"; backbone: LR x {res['backbone_mult']:g}" if res.get('stage') == 2 else ''
-    ax.set_xscale('log'); ax.set_xlabel(f'LR (decoder group{bb})')
-    ax.set_ylabel('training loss'); ax.set_title(f"LR range test, Stage {res.get('stage', '?')}"); ax.legend(fontsize=8)
-    ax.figure.tight_layout(); return ax.figure
+    ax.set_xscale('log')
+    ax.set_xlabel(f'LR (decoder group{bb})')
+    ax.set_ylabel('training loss')
+    ax.set_title(f"LR range test, Stage {res.get('stage', '?')}")
+    ax.legend(fontsize=8)
+    ax.figure.tight_layout()
+    return ax.figure
+
 
 # %% ../nbs/12_findlr.ipynb #f3e94da5
 def _stage_model(model, stage: int):
@@ -135,43 +160,51 @@ def _stage_model(model, stage: int):
     return freeze_backbone(model) if stage == 1 else unfreeze_backbone(model)
 
 def _load_model(cfg: Config, say=print):
-    "The model `cfg` describes, with the weights of `cfg.resume_from` when given; and the config (architecture from the checkpoint)."
+    "(model, config) of `cfg`: with `cfg.resume_from`, that checkpoint's weights and architecture."
     from codseg.model import build_model
     from codseg.config import from_dict
     from codseg.train import find_resume, load_checkpoint, model_state
     src = find_resume(cfg)
-    if cfg.resume_from and src is None: raise FileNotFoundError(f'--resume-from auto: no last.pth in {cfg.checkpoint_dir} or /kaggle/input')
+    if cfg.resume_from and src is None:
+        raise FileNotFoundError(f'--resume-from auto: no last.pth in {cfg.checkpoint_dir} or /kaggle/input')
     if src is None: return build_model(cfg), cfg
     ck = load_checkpoint(src)
     if 'config' in ck:
         saved = from_dict(ck['config'], warn=lambda *a: None)
         arch = {k: getattr(saved, k) for k in ('backbone', 'num_experts', 'top_k')}
-        if any(getattr(cfg, k) != v for k, v in arch.items()): say(f'find-lr: using the architecture of {src}: {arch}')
+        if any(getattr(cfg, k) != v for k, v in arch.items()):
+            say(f'find-lr: using the architecture of {src}: {arch}')
         cfg = replace(cfg, **arch)
     model = build_model(replace(cfg, pretrained=False, pretrained_path=None))
     try: model.load_state_dict(model_state(ck))
     except (RuntimeError, KeyError) as e:  # not PyTorch's list of every missing and unexpected key
-        raise RuntimeError(f'--resume-from {src}: its weights do not fit this codseg model ({one_line(str(e))}); '
-                           'pass a codseg last.pth or best_model.pth') from None
+        why = one_line(str(e))
+        raise RuntimeError(f'--resume-from {src}: its weights do not fit this codseg model ({why}); '
+                           f'{CHECKPOINT_FIX}') from None
     say(f'find-lr: weights from {src}')
     return model, cfg
 
 class _Restore:
     "Put back a model's weights, buffers, requires_grad flags and train/eval mode on exit."
     def __init__(self, model): self.model = model
+
     def __enter__(self):
         m = self.model
         self.state = {k: v.detach().clone() for k, v in m.state_dict().items()}
         self.grad, self.mode = {n: p.requires_grad for n, p in m.named_parameters()}, m.training
         return m
+
     def __exit__(self, *exc):
-        m = self.model; m.load_state_dict(self.state)
-        for n, p in m.named_parameters(): p.requires_grad_(self.grad[n]); p.grad = None
+        m = self.model
+        m.load_state_dict(self.state)
+        for n, p in m.named_parameters():
+            p.requires_grad_(self.grad[n])
+            p.grad = None
         m.train(self.mode)
 
 # %% ../nbs/12_findlr.ipynb #35f7b1b9
 def _setup(cfg: Config, stage: int, model, device):
-    "The train loader, validation loader, loss, optimizer and callbacks for a `stage` run of `model` under `cfg`."
+    "The train and validation loaders, loss, optimizer and callbacks of a `stage` run of `model` under `cfg`."
     from codseg.data import build_data, make_loader
     from codseg.losses import CODLoss
     from codseg.model import param_groups
@@ -185,18 +218,19 @@ def _setup(cfg: Config, stage: int, model, device):
     return train_dl, val_dl, CODLoss(cfg.loss, cfg.aux_weight, cfg.balance_weight), opt, cbs
 
 def _device(cfg: Config) -> torch.device:
+    "The device `cfg.device` names ('auto': CUDA when there is one)."
     from codseg.train import Dist
     return Dist(cfg.device).device
 
 # %% ../nbs/12_findlr.ipynb #ab7d4d10
 def find_lr(cfg: Config, stage: int = 2, start: float = 1e-7, end: float = 10.0, steps: int = 100,
-            model=None,  # a model to sweep (restored afterwards); default: built from cfg (and cfg.resume_from)
+            model=None,  # a model to sweep (restored afterwards); default: from cfg (and cfg.resume_from)
             png=None,  # write the plot here
-            say=print, progress=None) -> dict:  # progress: tqdm's disable (None: auto)
-    "LR range test for `stage`: sweep the decoder LR from `start` to `end`; returns lrs, losses and the suggestion."
+            say=print,  # where the summary goes
+            progress=None) -> dict:  # tqdm's disable (None: auto)
+    "LR range test for `stage`: sweep the decoder LR from `start` to `end`; lrs, losses and the suggestion."
     from codseg.train import seed_everything
-    if not 0 < start < end: raise ValueError(f'find-lr needs 0 < --start < --end, got {start} and {end}')
-    if steps < 10: raise ValueError(f'--steps must be at least 10, got {steps}')
+    check_sweep(start, end, steps)
     cfg, device = resolve(cfg), _device(cfg)
     seed_everything(cfg.seed)
     if model is None: model, cfg = _load_model(cfg, say)
@@ -205,46 +239,57 @@ def find_lr(cfg: Config, stage: int = 2, start: float = 1e-7, end: float = 10.0,
         train_dl, _, loss_fn, opt, cbs = _setup(cfg, stage, m, device)
         finder = LRFinderCB(start, end, steps, cfg.backbone_lr_mult, progress=progress)
         learn = Learner(m, loss_fn, opt, train_dl, [], [finder, *cbs], device, cfg.accumulation_steps)
-        learn.fit(range(2 * math.ceil(steps * cfg.accumulation_steps / len(train_dl)) + 1))  # room for retried steps
+        epochs = 2 * math.ceil(steps * cfg.accumulation_steps / len(train_dl)) + 1  # room for retried steps
+        learn.fit(range(epochs))
     res = dict(lrs=finder.lrs, losses=finder.losses, stage=stage, backbone_mult=cfg.backbone_lr_mult,
                stopped=finder.stop, **suggest_lr(finder.lrs, finder.smooth, steps))
     say(summary(res))
-    if png: plot_lr_find(res).savefig(png, dpi=100); say(f'find-lr: plot written to {png}')
+    if png:
+        plot_lr_find(res).savefig(png, dpi=100)
+        say(f'find-lr: plot written to {png}')
     return res
 
 def summary(res: dict) -> str:
     "What the sweep did and what it suggests, as the command prints it."
     flag = '--lr' if res['stage'] == 1 else '--stage2-lr'
-    lines = [f"find-lr, Stage {res['stage']}: {len(res['lrs'])} steps, LR {res['lrs'][0]:.1e} to {res['lrs'][-1]:.1e}; "
-             + (f"stopped: {res['stopped']}" if res['stopped'] else 'no divergence')]
+    stopped = f"stopped: {res['stopped']}" if res['stopped'] else 'no divergence'
+    lines = [f"find-lr, Stage {res['stage']}: {len(res['lrs'])} steps, "
+             f"LR {res['lrs'][0]:.1e} to {res['lrs'][-1]:.1e}; {stopped}"]
     if res['suggestion'] is None: return '\n'.join(lines + [f"no suggestion: {res['note']}"])
     lines.append(f"  valley {res['suggestion']:.2e}; steepest fall {res['steep_lr']:.2e}; "
                  f"smoothed loss lowest at {res['min_lr']:.2e}")
     bb = f" (backbone {res['suggestion'] * res['backbone_mult']:.1e})" if res['stage'] == 2 else ''
-    lines.append(f"Suggested: {flag} {res['suggestion']:.1e}{bb}" + (f"  [{res['note']}]" if res['note'] else ''))
+    note = f"  [{res['note']}]" if res['note'] else ''
+    lines.append(f"Suggested: {flag} {res['suggestion']:.1e}{bb}{note}")
     return '\n'.join(lines)
 
 # %% ../nbs/12_findlr.ipynb #a2a34137
+def _val_loss(m, val_dl, loss_fn, device) -> float:
+    "Mean loss per image of `m` over `val_dl`."
+    m.eval()
+    tot = n = 0
+    with torch.inference_mode():
+        for b in val_dl:
+            tot += loss_fn(m(b['image'].to(device)), b['mask'].to(device))[0].item() * len(b['image'])
+            n += len(b['image'])
+    return tot / n
+
 def lr_trial(cfg: Config, lr: float, stage: int = 2, steps: int = 20, model=None) -> tuple[float, float]:
-    "Validation loss (before, after) `steps` optimizer steps at constant `lr` (backbone: lr x mult in Stage 2)."
+    "Validation loss (before, after) `steps` optimizer steps at constant `lr` (backbone: x mult in Stage 2)."
     import copy
-    from codseg.learner import LRPlanCB, MetricsCB
-    cfg, device = resolve(cfg), _device(cfg)
+    from codseg.learner import LRPlanCB
     from codseg.train import seed_everything
+    cfg, device = resolve(cfg), _device(cfg)
     seed_everything(cfg.seed)
     model = copy.deepcopy(model) if model is not None else _load_model(cfg, lambda *a: None)[0]
     m = _stage_model(model.to(device), stage)
     train_dl, val_dl, loss_fn, opt, cbs = _setup(cfg, stage, m, device)
-    def val_loss():
-        m.eval(); tot = n = 0
-        with torch.inference_mode():
-            for b in val_dl: tot += loss_fn(m(b['image'].to(device)), b['mask'].to(device))[0].item() * len(b['image']); n += len(b['image'])
-        return tot / n
-    first = val_loss()
+    first = _val_loss(m, val_dl, loss_fn, device)
     plan = LRPlanCB(lambda s: (lr, lr * cfg.backbone_lr_mult))
-    stop = _StopAfter(steps)
-    Learner(m, loss_fn, opt, train_dl, [], [plan, stop, *cbs], device, cfg.accumulation_steps).fit(range(10 ** 6))
-    return first, val_loss()
+    cbs = [plan, _StopAfter(steps), *cbs]
+    learn = Learner(m, loss_fn, opt, train_dl, [], cbs, device, cfg.accumulation_steps)
+    learn.fit(range(10 ** 6))
+    return first, _val_loss(m, val_dl, loss_fn, device)
 
 class _StopAfter(Callback):
     "Stop the fit after `n` optimizer steps; set each epoch on the sampler."
