@@ -22,7 +22,7 @@ class PlanError(ValueError):
     "A plan setting that makes no sense; the message names the flag and the fix."
 
 class PlanComplete(PlanError):
-    "The run has trained every epoch of `--epochs`: nothing left to train (the CLI reports it as done, exit 0)."
+    "The run has trained every epoch of `--epochs`: nothing left to train (the CLI says done, exit 0)."
     def __init__(self, done: int, epochs: int):
         self.done, self.epochs = done, epochs
         super().__init__(f'the run has finished {done} epochs of --epochs {epochs}: nothing left to train; '
@@ -58,7 +58,8 @@ def onecycle(s: int, n: int, peak: float, pct_start: float) -> float:
     if n == 1: return peak
     if pct_start * n <= 1: return cos_anneal(peak, low / 1e4, s / (n - 1))  # SPEC: no warm phase
     top = float(pct_start * n) - 1  # torch's last step of the warm phase
-    return cos_anneal(low, peak, s / top) if s <= top else cos_anneal(peak, low / 1e4, (s - top) / (n - 1 - top))
+    if s <= top: return cos_anneal(low, peak, s / top)
+    return cos_anneal(peak, low / 1e4, (s - top) / (n - 1 - top))
 
 # %% ../nbs/07_schedule.ipynb #7d26004d
 class Cycle(NamedTuple):
@@ -124,7 +125,7 @@ class Curve:
     cycles: Callable | None = None  # (settings, steps per epoch, n) -> its restart Cycles over n steps
 
 def _restart_cycles(s: PlanSettings, steps: int, n: int) -> tuple:
-    "cosine_restart's cycles over `n` steps: the first `--t0` epochs (else three whole cycles), each next x `--t-mult`."
+    "cosine_restart's cycles over `n` steps: `--t0` epochs (else three whole cycles), each next x `--t-mult`."
     m = Fraction(s.t_mult)
     c0 = Fraction(s.t0) * steps if s.t0 is not None else Fraction(n) / (1 + m + m * m)
     return restart_cycles(n, c0, m) if c0 > 0 else ()
@@ -192,8 +193,10 @@ def check_plan(s: PlanSettings | Config, n_train: int = 1, world_size: int = 1) 
     need(s.stage1_epochs <= s.epochs, f'--stage1-epochs {s.stage1_epochs} is above --epochs {s.epochs}: '
          'lower --stage1-epochs or raise --epochs (--epochs counts both stages)')
     need(s.warmup_epochs >= 0, f'--warmup-epochs {s.warmup_epochs} is negative: give 0 or more')
-    need(s.t_mult >= 1, f'--t-mult {s.t_mult} is below 1: cycles cannot shrink; give 1 (equal cycles) or more')
-    need(s.t0 is None or s.t0 > 0, f'--t0 {s.t0} must be positive (epochs); leave it out for three whole cycles')
+    need(s.t_mult >= 1,
+         f'--t-mult {s.t_mult} is below 1: cycles cannot shrink; give 1 (equal cycles) or more')
+    need(s.t0 is None or s.t0 > 0,
+         f'--t0 {s.t0} must be positive (epochs); leave it out for three whole cycles')
     need(0 <= s.pct_start <= 1, f'--pct-start {s.pct_start} must be between 0 and 1')
     need(s.backbone_lr_mult >= 0, f'--backbone-lr-mult {s.backbone_lr_mult} is negative: give 0 or more')
     need(n_train >= 1, f'the training set is empty ({n_train} items): check --dataset-path (or --train-size)')
@@ -208,11 +211,12 @@ def _check_segment(g: Segment, s: PlanSettings, origin: int):
                         f'lower --min-lr or raise {peak}')
     if g.warmup and g.warmup >= g.n:
         where = f'a re-plan from Epoch {origin + 1}' if origin > s.stage1_epochs else 'Stage 2'
-        raise PlanError(f'--warmup-epochs {s.warmup_epochs} is not shorter than {where} ({g.end - g.start} epochs, '
-                        f'Epoch {g.start + 1}-{g.end}): lower --warmup-epochs or raise --epochs')
+        raise PlanError(f'--warmup-epochs {s.warmup_epochs} is not shorter than {where} '
+                        f'({g.end - g.start} epochs, Epoch {g.start + 1}-{g.end}): '
+                        'lower --warmup-epochs or raise --epochs')
     if g.cycles and g.cycles[0].length < 1:
-        raise PlanError(f'--t0 {s.t0} gives a first restart cycle of {g.cycles[0].length:.3g} optimizer steps: '
-                        f'give at least {1 / g.steps:.3g} epochs')
+        raise PlanError(f'--t0 {s.t0} gives a first restart cycle of {g.cycles[0].length:.3g} optimizer '
+                        f'steps: give at least {1 / g.steps:.3g} epochs')
 
 # %% ../nbs/07_schedule.ipynb #ff71a1a2
 def _segment(s: PlanSettings, stage: int, start: int, end: int, steps: int) -> Segment:
@@ -254,9 +258,11 @@ class Plan:
 
     def stage(self, e: int) -> int: return self.settings.stage(e)
     def batch_size(self, e: int) -> int: return self.settings.stage_batch(self.stage(e))
-    def batches_per_epoch(self, e: int) -> int: return batches_per_epoch(self.n_train, self.batch_size(e), self.world_size)
+    def batches_per_epoch(self, e: int) -> int:
+        return batches_per_epoch(self.n_train, self.batch_size(e), self.world_size)
     def steps_per_epoch(self, e: int) -> int:
-        return steps_per_epoch(self.n_train, self.batch_size(e), self.settings.accumulation_steps, self.world_size)
+        acc = self.settings.accumulation_steps
+        return steps_per_epoch(self.n_train, self.batch_size(e), acc, self.world_size)
 
     def first_step(self, e: int) -> int:
         "Global step of epoch `e`'s first optimizer step."
@@ -278,7 +284,8 @@ class Plan:
             if a <= step < a + g.n:
                 d = g.lr(step - a)
                 return d, (d * self.settings.backbone_lr_mult if g.stage == 2 else 0.0)
-        raise PlanError(f'step {step} is outside the plan (steps {self.first_step(self.start_epoch)}-{self.end_step - 1})')
+        first = self.first_step(self.start_epoch)
+        raise PlanError(f'step {step} is outside the plan (steps {first}-{self.end_step - 1})')
 
     def epoch_lr(self, e: int) -> float:
         "Decoder LR at epoch `e`'s last optimizer step: the `LR:` printed for Epoch e+1."
@@ -293,10 +300,11 @@ class Plan:
 
     def to_dict(self) -> dict:
         "What a checkpoint stores to rebuild this plan: the settings, n_train, world_size and origin."
-        return {**asdict(self.settings), 'n_train': self.n_train, 'world_size': self.world_size, 'origin': self.origin}
+        counts = {'n_train': self.n_train, 'world_size': self.world_size, 'origin': self.origin}
+        return {**asdict(self.settings), **counts}
 
     def summary(self) -> str:
-        "The plan in words: stages, batches and steps, effective batch, LR at the key steps, restarts, LR/batch."
+        "The plan in words: stages, batches and steps, effective batch, the LR at key steps, LR / batch."
         return plan_summary(self)
 
 # %% ../nbs/07_schedule.ipynb #94e460f1
@@ -310,13 +318,14 @@ def _build(s: PlanSettings, n_train: int, world_size: int, origin: int, note: st
     segs = []
     if s.stage(origin) == 1 and not s.skip_stage1: segs.append(_segment(s, 1, origin, E1, spe(1)))
     if max(origin, E1) < E: segs.append(_segment(s, 2, max(origin, E1), E, spe(2)))
-    if not segs: raise PlanError(f'--skip-stage1 with --stage1-epochs {E1} equal to --epochs {E} leaves no epoch to '
-                                 'train: raise --epochs or drop --skip-stage1')
+    if not segs:
+        raise PlanError(f'--skip-stage1 with --stage1-epochs {E1} equal to --epochs {E} leaves no epoch to '
+                        'train: raise --epochs or drop --skip-stage1')
     for g in segs: _check_segment(g, s, origin)
     return Plan(s, n_train, world_size, origin, tuple(segs), note)
 
 def make_plan(cfg: Config, n_train: int, world_size: int = 1, origin: int = 0) -> Plan:
-    "The LR plan of `cfg` for `n_train` items on `world_size` processes; `origin` > 0 re-plans from that epoch."
+    "The LR plan of `cfg` for `n_train` items on `world_size` processes; `origin` > 0 re-plans from there."
     s = plan_settings(cfg)
     return _build(s, n_train, world_size, origin, _replan_note(s, origin) if origin else '')
 
@@ -324,10 +333,13 @@ def _replan_note(s: PlanSettings, R: int) -> str:
     "What a re-plan from epoch `R` does, in words."
     E, E1 = s.epochs, s.stage1_epochs
     wu = f' with its {s.warmup_epochs}-epoch warmup' if s.warmup_epochs else ' (no warmup)'
-    if s.stage(R) == 2: return f'Re-planned from Epoch {R + 1}: Stage 2 planned anew over Epoch {R + 1}-{E}{wu}.'
-    if s.skip_stage1: return (f'Re-planned from Epoch {R + 1} with --skip-stage1: Stage-1 Epoch {R + 1}-{E1} '
-                              f'skipped; Stage 2 runs Epoch {E1 + 1}-{E}.')
-    return f'Re-planned from Epoch {R + 1}: Stage 1 planned anew over Epoch {R + 1}-{E1}; Stage 2 as usual after it.'
+    if s.stage(R) == 2:
+        return f'Re-planned from Epoch {R + 1}: Stage 2 planned anew over Epoch {R + 1}-{E}{wu}.'
+    if s.skip_stage1:
+        return (f'Re-planned from Epoch {R + 1} with --skip-stage1: Stage-1 Epoch {R + 1}-{E1} skipped; '
+                f'Stage 2 runs Epoch {E1 + 1}-{E}.')
+    return (f'Re-planned from Epoch {R + 1}: Stage 1 planned anew over Epoch {R + 1}-{E1}; '
+            'Stage 2 as usual after it.')
 
 # %% ../nbs/07_schedule.ipynb #e5dfe388
 def cycle_starts(plan: Plan) -> list:
@@ -335,7 +347,7 @@ def cycle_starts(plan: Plan) -> list:
     return [plan.first_step(g.start) + g.warmup + c.first for g in plan.segments for c in g.cycles[1:]]
 
 def key_steps(plan: Plan) -> list:
-    "(label, global step) of the plan's key steps: stage starts and ends, warmup end, restarts, the last step."
+    "(label, global step) of the plan's key steps: stage starts and ends, warmup end, restarts, last step."
     out = []
     for g in plan.segments:
         a = plan.first_step(g.start)
@@ -357,8 +369,8 @@ def _stage_lines(plan: Plan, g: Segment) -> list:
     "The description of one stage of `plan`."
     b, acc, w = plan.batch_size(g.start), plan.settings.accumulation_steps, plan.world_size
     a = plan.first_step(g.start)
-    return [f'Stage {g.stage}  Epoch {g.start + 1}-{g.end}: batch {b} x accumulation {acc} x {w} process(es) = '
-            f'effective batch {b * acc * w}',
+    return [f'Stage {g.stage}  Epoch {g.start + 1}-{g.end}: batch {b} x accumulation {acc} x {w} process(es) '
+            f'= effective batch {b * acc * w}',
             f'         {plan.batches_per_epoch(g.start)} batches and {g.steps} optimizer steps per epoch; '
             f'{g.n} steps (global {a}-{a + g.n - 1})',
             f'         {_curve_words(g, plan.settings.backbone_lr_mult)}']
@@ -370,8 +382,9 @@ def _per_sample(plan: Plan, g: Segment) -> str:
 
 def plan_summary(plan: Plan) -> str:
     "`plan.summary()`: the plan in words."
-    lines = [f'LR plan: {plan.n_train} training items on {plan.world_size} process(es), Epoch {plan.start_epoch + 1}-'
-             f'{plan.epochs} (printed epochs are 1-based; the CSV and plot count epochs completed, from 0)']
+    lines = [f'LR plan: {plan.n_train} training items on {plan.world_size} process(es), '
+             f'Epoch {plan.start_epoch + 1}-{plan.epochs} '
+             '(printed epochs are 1-based; the CSV and plot count epochs completed, from 0)']
     if plan.note: lines.append(plan.note)
     for g in plan.segments: lines += _stage_lines(plan, g)
     lines.append(f"{'LR at key steps':<44}{'step':>8}  {'decoder':>11}  {'backbone':>11}")
@@ -379,7 +392,8 @@ def plan_summary(plan: Plan) -> str:
         e, k = plan.epoch_of(s)
         d, b = plan.lr(s)
         n = plan.steps_per_epoch(e)
-        where = f"Epoch {e + 1}, " + ('first step' if k == 0 else 'last step' if k == n - 1 else f'step {k + 1} of {n}')
+        at = 'first step' if k == 0 else 'last step' if k == n - 1 else f'step {k + 1} of {n}'
+        where = f'Epoch {e + 1}, {at}'
         lines.append(f'  {where + " (" + label + ")":<42}{s:>8}  {fmt_lr(d):>11}  {fmt_lr(b):>11}')
     lines.append(f"Peak LR / effective batch: {', '.join(_per_sample(plan, g) for g in plan.segments)} "
                  "(the guide's rule of thumb: about 3e-05)")
@@ -390,12 +404,17 @@ def _changes(old: dict, new: dict, ignore=()) -> list:
     "'--flag old -> new' for each plan setting that differs, except those in `ignore`."
     return [f'{_flag(k)} {old.get(k)} -> {new[k]}' for k in PLAN if old.get(k) != new[k] and k not in ignore]
 
-def resume_plan(cfg: Config, saved: dict | None, n_train: int, world_size: int, epoch: int, step: int) -> tuple:
-    "(Plan, note) for resuming at `epoch` (next to run, 0-based) and global `step` from a checkpoint's `saved` plan dict."
+def resume_plan(cfg: Config,
+                saved: dict | None,  # the checkpoint's plan dict (`Plan.to_dict()`); None: an old checkpoint
+                n_train: int, world_size: int,
+                epoch: int,  # the next epoch to run, 0-based
+                step: int) -> tuple:  # the checkpoint's global step
+    "(Plan, note) for resuming at `epoch` and global `step` from a checkpoint's `saved` plan."
     new, old = plan_settings(cfg), dict(saved or {})
     if epoch >= new.epochs: raise PlanComplete(epoch, new.epochs)
     in_stage2 = new.stage(epoch) == 2 and epoch >= old.get('stage1_epochs', epoch)
-    changed = _changes(old, asdict(new), ('skip_stage1',) if in_stage2 else ()) if saved else ['no saved plan']
+    ignore = ('skip_stage1',) if in_stage2 else ()
+    changed = _changes(old, asdict(new), ignore) if saved else ['no saved plan']
     origin = old.get('origin', 0)
     if not changed and origin <= epoch:
         plan = _build(new, n_train, world_size, origin)
@@ -410,8 +429,11 @@ def _same_note(plan: Plan, old: dict, epoch: int, step: int, counts: bool) -> st
     "The note of a resume whose settings did not change."
     at = plan.first_step(epoch)
     if not counts:
-        return (f"Same plan settings, but the steps per epoch changed (training items {old.get('n_train')} -> "
-                f"{plan.n_train}, processes {old.get('world_size')} -> {plan.world_size}): the same plan on the new "
-                f'step counts; global step recomputed from Epoch {epoch + 1}: {at} (was {step}).')
-    note = f'Same plan settings as the checkpoint: continuing at Epoch {epoch + 1}, step {step}, on the identical curve.'
-    return note if step == at else note + f' (The plan puts Epoch {epoch + 1} at step {at}: a mid-epoch checkpoint?)'
+        items = f"training items {old.get('n_train')} -> {plan.n_train}"
+        procs = f"processes {old.get('world_size')} -> {plan.world_size}"
+        return (f'Same plan settings, but the steps per epoch changed ({items}, {procs}): the same plan on '
+                f'the new step counts; global step recomputed from Epoch {epoch + 1}: {at} (was {step}).')
+    note = (f'Same plan settings as the checkpoint: continuing at Epoch {epoch + 1}, step {step}, '
+            'on the identical curve.')
+    if step == at: return note
+    return note + f' (The plan puts Epoch {epoch + 1} at step {at}: a mid-epoch checkpoint?)'
