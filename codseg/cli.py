@@ -11,7 +11,7 @@ from .config import Config, add_args, from_args, DATA, MODEL, PLAN, TRAIN
 # %% auto #0
 __all__ = ['CKPT_DEFAULTS', 'CHECKPOINT_HELP', 'TTA_HELP', 'RANGES', 'CHECKPOINT_FIX', 'WRITE_FIX', 'OUTPUTS', 'DISK', 'COMMANDS',
            'train_parser', 'evaluate_parser', 'predict_parser', 'find_lr_parser', 'UsageError', 'inside_input',
-           'check_sweep', 'check_settings', 'one_line', 'describe', 'run_command', 'main']
+           'check_sweep', 'check_settings', 'one_line', 'describe', 'report', 'run_command', 'main']
 
 # %% ../nbs/20_cli.ipynb #21d2f3c6
 def train_parser():
@@ -276,6 +276,13 @@ def _flag_error(p: argparse.ArgumentParser, msg: str):
     hint = f'did you mean {near[0]}? ' if near and 'unrecognized' in msg else ''
     p.exit(2, f'{p.prog}: {msg}: {hint}{p.prog} --help lists the flags\n')
 
+def report(name: str, e: BaseException, debug: bool = False) -> int:
+    "Print `describe`'s line for `e` raised by command `name` (and the traceback if `debug`); its status."
+    msg, rc = describe(e)
+    if debug: traceback.print_exc()
+    print(f'codseg {name}: {msg}', file=sys.stdout if rc == 0 else sys.stderr)
+    return rc
+
 def run_command(name: str, argv: list, debug: bool = False) -> int:
     "Parse and check `argv` for command `name`, run it; print one line on an error; the exit status."
     parser, runner, _ = COMMANDS[name]
@@ -288,11 +295,7 @@ def run_command(name: str, argv: list, debug: bool = False) -> int:
         return _load(runner)(argv) or 0
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException as e:
-        msg, rc = describe(e)
-        if debug: traceback.print_exc()
-        print(f'codseg {name}: {msg}', file=sys.stdout if rc == 0 else sys.stderr)
-        return rc
+    except BaseException as e: return report(name, e, debug)
     finally: argparse.ArgumentParser.error = error
 
 def main(argv=None):
