@@ -31,8 +31,8 @@ def _default_from_checkpoint(p: argparse.ArgumentParser):
 
 def evaluate_parser():
     "The argparse parser of `codseg evaluate`."
-    what = ("Score a checkpoint on every test set under --dataset-path with the field's protocol (PySODMetrics "
-            "at each mask's original size).")
+    what = ("Score a checkpoint on every test set under --dataset-path with the field's protocol "
+            "(PySODMetrics at each mask's original size).")
     p = argparse.ArgumentParser(prog='codseg evaluate', description=what)
     p.add_argument('--checkpoint', required=True, help=CHECKPOINT_HELP)
     p.add_argument('--output',
