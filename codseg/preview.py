@@ -24,10 +24,8 @@ def train_count(cfg: Config, train_size: int | None) -> int:
     if not cfg.dataset_path:
         raise PlanError("give --train-size N (COD10K's camouflaged training set: 3040) "
                         'or --dataset-path DIR to count')
-    try: from codseg.layout import train_size
-    except ImportError: raise PlanError('this codseg cannot count --dataset-path (codseg.layout is missing): '
-                                        'give --train-size N') from None
-    return train_size(cfg)
+    from codseg.layout import train_size as count  # lazily: lr-preview with --train-size reads no dataset code
+    return count(cfg)
 
 # %% ../nbs/08_preview.ipynb #3a27413b
 CSV_COLUMNS = ','.join(Row._fields)
