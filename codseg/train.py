@@ -433,8 +433,8 @@ def train(cfg: Config = None, callbacks=(), kaggle_input='/kaggle/input', say=pr
     h = learn.history
     if dist.main and h and learn.stopped is None:
         best, key = best_row(h, cfg.monitor) or h[-1], monitor_key(cfg.monitor)
-        by = '' if key == 'iou' else f" ({LABELS[key]} {best.get(key, math.nan):.4f}, by --monitor {cfg.monitor})"
-        run.say(f"Done: best IoU {best['iou']:.4f} at epoch {best['epoch']}{by}; checkpoints in {out}")
+        what = '' if key == 'iou' else f"{LABELS[key]} {best.get(key, math.nan):.4f} (--monitor {cfg.monitor}), "
+        run.say(f"Done: best {what}IoU {best['iou']:.4f} at epoch {best['epoch']}; checkpoints in {out}")
     return {'history': h, 'best_iou': max((r['iou'] for r in h), default=None), 'checkpoint_dir': str(out),
             'stopped': learn.stopped, 'signal': getattr(learn, 'signum', 0), 'last_epoch': h[-1]['epoch'] if h else epoch}
 
