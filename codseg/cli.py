@@ -7,11 +7,11 @@ from __future__ import annotations
 import argparse, errno, importlib, os, re, sys, traceback
 from pathlib import Path
 from .config import Config, add_args, from_args, parse_loggers, DATA, MODEL, PLAN, TRAIN
+from .errors import CHECKPOINT_FIX, WRITE_FIX, UsageError, describe, one_line, report
 
 # %% auto #0
-__all__ = ['CKPT_DEFAULTS', 'CHECKPOINT_HELP', 'TTA_HELP', 'RANGES', 'CHECKPOINT_FIX', 'WRITE_FIX', 'OUTPUTS', 'DISK', 'COMMANDS',
-           'train_parser', 'evaluate_parser', 'predict_parser', 'find_lr_parser', 'UsageError', 'inside_input',
-           'check_sweep', 'check_settings', 'one_line', 'describe', 'report', 'run_command', 'main']
+__all__ = ['CKPT_DEFAULTS', 'CHECKPOINT_HELP', 'TTA_HELP', 'RANGES', 'OUTPUTS', 'COMMANDS', 'train_parser', 'evaluate_parser',
+           'predict_parser', 'find_lr_parser', 'inside_input', 'check_sweep', 'check_settings', 'run_command', 'main']
 
 # %% ../nbs/20_cli.ipynb #21d2f3c6
 def train_parser():
@@ -78,9 +78,6 @@ def find_lr_parser():
 
 
 # %% ../nbs/20_cli.ipynb #4e654c95
-class UsageError(ValueError):
-    "A setting that cannot work; the message names the flag and the fix (exit status 2)."
-
 RANGES = {  # field: (test, what it must be)
     'img_size': (lambda v: v >= 32, 'at least 32 (pixels)'),
     'num_workers': (lambda v: v >= 0, '0 or more'),
@@ -105,9 +102,6 @@ RANGES = {  # field: (test, what it must be)
 def _loggers_ok(v) -> bool:
     try: return bool(parse_loggers(v))
     except ValueError: return False
-
-CHECKPOINT_FIX = 'pass a codseg last.pth or best_model.pth'  # the fix for a missing or unusable checkpoint
-WRITE_FIX = 'pass a folder you can write to'  # the fix for an output that cannot be written
 
 def _flag(n: str) -> str: return '--' + n.replace('_', '-')
 
@@ -211,40 +205,6 @@ def check_settings(ns: argparse.Namespace, command: str = 'train') -> Config:
     return cfg
 
 
-# %% ../nbs/20_cli.ipynb #ae257f9c
-_SPACE_FIX = 'free some space or pass a folder on another disk'
-DISK = {errno.ENOSPC: f'no space left on the disk: {_SPACE_FIX}',
-        errno.EROFS: f'the file system is read-only: {WRITE_FIX}',
-        errno.EACCES: f'permission denied: {WRITE_FIX}',
-        errno.EPERM: f'permission denied: {WRITE_FIX}',
-        getattr(errno, 'EDQUOT', -1): f'the disk quota is exceeded: {_SPACE_FIX}'}
-
-def one_line(msg: str) -> str:
-    "`msg` without PyTorch's unpickling advice, on one line."
-    msg = re.sub(r'\s*\((\w+Error|\w+Exception): [^;]*?weights_only.*?\)(?=;|$)', '', msg, flags=re.S)
-    if 'weights_only' in msg:
-        msg = msg.split('weights_only')[0].rstrip(' (:;,.') + ' (not a readable checkpoint)'
-    if 'Error(s) in loading state_dict' in msg:  # not PyTorch's list of every missing and unexpected key
-        msg = re.sub(r'Error\(s\) in loading state_dict.*?(\.\.\.\)|$)',  # up to the end of a quoted excerpt
-                     lambda m: 'missing or unexpected weights' + (')' if m.group(1) else ''), msg, flags=re.S)
-    return ' '.join(msg.split())
-
-def describe(e: BaseException) -> tuple[str, int]:
-    "(one-line message, exit status) for exception `e` raised by a command."
-    from codseg.schedule import PlanComplete, PlanError
-    if isinstance(e, KeyboardInterrupt): return 'interrupted', 130
-    if isinstance(e, OSError) and e.errno in DISK: return f"{e.filename or 'writing'}: {DISK[e.errno]}", 1
-    torch_disk = r'inline_container|unexpected pos|file write failed'  # torch.save's words for a full disk
-    if isinstance(e, RuntimeError) and re.search(torch_disk, str(e)):
-        return ('writing a checkpoint failed, most likely the disk is full (earlier checkpoints are intact): '
-                'free space'), 1
-    msg = one_line(str(e))
-    if isinstance(e, PlanComplete): return f'already complete: {msg}', 0
-    if isinstance(e, (UsageError, PlanError)): return msg, 2
-    if isinstance(e, (ValueError, OSError, RuntimeError)) and msg: return msg, 1
-    return (f'{type(e).__name__}: {msg} (an unexpected error: rerun with --debug for the traceback '
-            'and report it)'), 1
-
 # %% ../nbs/20_cli.ipynb #bbd78e4e
 COMMANDS = {  # name: (parser or None when the command parses itself cheaply, runner, one-line help)
     'train': ('codseg.cli:train_parser', 'codseg.train:train_cli',
@@ -283,12 +243,6 @@ def _flag_error(p: argparse.ArgumentParser, msg: str):
     hint = f'did you mean {near[0]}? ' if near and 'unrecognized' in msg else ''
     p.exit(2, f'{p.prog}: {msg}: {hint}{p.prog} --help lists the flags\n')
 
-def report(name: str, e: BaseException, debug: bool = False) -> int:
-    "Print `describe`'s line for `e` raised by command `name` (and the traceback if `debug`); its status."
-    msg, rc = describe(e)
-    if debug: traceback.print_exc()
-    print(f'codseg {name}: {msg}', file=sys.stdout if rc == 0 else sys.stderr)
-    return rc
 
 def run_command(name: str, argv: list, debug: bool = False) -> int:
     "Parse and check `argv` for command `name`, run it; print one line on an error; the exit status."

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from .config import Config, resolve, from_args
-from .cli import CHECKPOINT_FIX, check_sweep, find_lr_parser, one_line
+from .cli import check_sweep, find_lr_parser
+from .errors import CHECKPOINT_FIX, one_line
 from .learner import Learner, Callback, CancelFitException, GradGuardCB, AMPCB, amp_dtype
 
 # %% auto #0

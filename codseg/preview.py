@@ -8,7 +8,7 @@ import argparse, sys, typing
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
-from .cli import report
+from .errors import report
 from .config import Config, add_args, from_args
 from .schedule import (CURVES, Plan, PlanError, Row, cycle_starts, fmt_lr, key_steps, make_plan,
                              resume_plan)

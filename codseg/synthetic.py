@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse, json, os, shutil, struct, sys, time, uuid, zlib
 from pathlib import Path
 import numpy as np
-from .cli import UsageError, report
+from .errors import UsageError, report
 from .config import Config, add_args, field_help
 
 # %% auto #0
