@@ -170,3 +170,16 @@ def test_output_inside_an_input_through_a_symlink(tmp_path):
         ns = train_parser().parse_args(['--dataset-path', str(ds), '--checkpoint-dir', str(ck)])
         with pytest.raises(UsageError, match='is inside the input --dataset-path'): check_settings(ns, 'train')
     assert not (real/'ck').exists()
+
+def test_unknown_flag_hint_only_for_unknown_flags():
+    "A bad value of a known flag: exit 2, argparse's reason in one line, and no 'did you mean' that flag itself."
+    rc, out, err, _ = codseg('train', '--epochs', 'six')
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "invalid int value: 'six'" in err, err
+    assert 'did you mean' not in err, err
+
+def test_lr_preview_csv_and_png_rewritten(tmp_path):
+    "lr-preview run twice with the same --csv and --png: the second run rewrites them (a file there is no error)."
+    for _ in range(2):
+        rc, out, err, _ = codseg('lr-preview', '--train-size', 100, '--epochs', 4, '--stage1-epochs', 1,
+                                 '--csv', tmp_path/'plan.csv', '--png', tmp_path/'plan.png')
+        assert rc == 0 and f'wrote {tmp_path/"plan.csv"}' in out, err
