@@ -142,3 +142,45 @@ def test_check_settings_asks_the_plan(monkeypatch):
     monkeypatch.setattr(schedule, 'check_plan', refuse)
     with pytest.raises(UsageError, match='refused by check_plan'):
         check_settings(train_parser().parse_args(['--dataset-path', 'synthetic']), 'train')
+
+CHECK_FIRST = '''
+import sys
+from codseg.cli import main
+rc = main({argv!r})
+heavy = sorted(m for m in ('torch', 'timm', 'cv2', 'albumentations') if m in sys.modules)
+print('RC', rc, 'HEAVY', heavy, file=sys.stderr)
+'''
+
+@pytest.mark.parametrize('cmd', ['train', 'lr-preview', 'find-lr', 'evaluate', 'predict'])
+def test_bad_setting_refused_before_any_heavy_import(cmd, tmp_path):
+    "A bad setting is refused (exit 2) before the command's module (torch, timm, OpenCV) is imported."
+    argv = [cmd, *map(str, BAD[cmd][0])]
+    r = subprocess.run([sys.executable, '-c', CHECK_FIRST.format(argv=argv)], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=60)
+    assert 'RC 2 HEAVY []' in r.stderr, r.stderr[-2000:]
+
+def test_output_inside_an_input_through_a_symlink(tmp_path):
+    "A dataset named through a symlink (as /kaggle/input mounts are), an output through its real path: refused."
+    from codseg.cli import check_settings, train_parser, UsageError
+    real = tmp_path/'data'/'COD10K-v3'
+    (real/'Train'/'Image').mkdir(parents=True)
+    (real/'Train'/'GT_Object').mkdir()
+    (tmp_path/'link').symlink_to(real)
+    for ds, ck in ((tmp_path/'link', real/'ck'), (real, tmp_path/'link'/'ck')):
+        ns = train_parser().parse_args(['--dataset-path', str(ds), '--checkpoint-dir', str(ck)])
+        with pytest.raises(UsageError, match='is inside the input --dataset-path'):
+            check_settings(ns, 'train')
+    assert not (real/'ck').exists()
+
+def test_unknown_flag_hint_only_for_unknown_flags():
+    "A bad value of a known flag: exit 2, argparse's reason in one line, no 'did you mean' that flag itself."
+    rc, out, err, _ = codseg('train', '--epochs', 'six')
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "invalid int value: 'six'" in err, err
+    assert 'did you mean' not in err, err
+
+def test_lr_preview_csv_and_png_rewritten(tmp_path):
+    "lr-preview twice with the same --csv and --png: the second run rewrites them (a file there is no error)."
+    for _ in range(2):
+        rc, out, err, _ = codseg('lr-preview', '--train-size', 100, '--epochs', 4, '--stage1-epochs', 1,
+                                 '--csv', tmp_path/'plan.csv', '--png', tmp_path/'plan.png')
+        assert rc == 0 and f'wrote {tmp_path/"plan.csv"}' in out, err
