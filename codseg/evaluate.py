@@ -15,27 +15,17 @@ from .image import DataError, read_image, read_mask, check_images
 from .layout import Pair, is_image_file, discover, dataset_root, check_pairs
 from .data import SegDataset, eval_transform, seed_worker
 from .metrics import SODMeter, to_uint8_map
+from .runtime import pick_device, model_from_checkpoint
 
 # %% auto #0
-__all__ = ['TTA_SCALES', 'METRICS', 'RUN_FIELDS', 'load_model', 'pick_device', 'EvalDataset', 'collate', 'eval_loader',
-           'predict_probs', 'score_set', 'find_test_sets', 'evaluate', 'format_table', 'write_results', 'evaluate_cli',
-           'image_files', 'overlay', 'predict', 'predict_cli', 'prediction_grid']
+__all__ = ['TTA_SCALES', 'METRICS', 'RUN_FIELDS', 'load_model', 'EvalDataset', 'collate', 'eval_loader', 'predict_probs',
+           'score_set', 'find_test_sets', 'evaluate', 'format_table', 'write_results', 'evaluate_cli', 'image_files',
+           'overlay', 'predict', 'predict_cli', 'prediction_grid']
 
 # %% ../nbs/11_evaluate.ipynb #72110b49
 def load_model(checkpoint, device):
     "The model (eval mode, on `device`) and config of codseg checkpoint `checkpoint`; errors name --checkpoint."
-    from codseg.train import model_from_checkpoint
-    p = Path(checkpoint)
-    if not p.is_file(): raise FileNotFoundError(f'--checkpoint {p}: no such file; pass a codseg last.pth or best_model.pth')
-    try: return model_from_checkpoint(p, device)
-    except (RuntimeError, ValueError) as e:  # load_checkpoint's text names --resume-from: say --checkpoint instead
-        why = str(e).split(': ', 1)[1] if str(e).startswith('--resume-from') else str(e)
-        raise ValueError(f'--checkpoint {p}: {why}') from None
-
-def pick_device(device: str) -> torch.device:
-    "`device` ('auto', 'cpu', 'cuda', 'cuda:N') as a torch device, as the trainer picks it."
-    from codseg.train import Dist
-    return Dist(device).device
+    return model_from_checkpoint(checkpoint, device, flag='--checkpoint')
 
 # %% ../nbs/11_evaluate.ipynb #33e06666
 class EvalDataset(SegDataset):

@@ -138,7 +138,7 @@ def _load_model(cfg: Config, say=print):
     "The model `cfg` describes, with the weights of `cfg.resume_from` when given; and the config (architecture from the checkpoint)."
     from codseg.model import build_model
     from codseg.config import from_dict
-    from codseg.train import find_resume, load_checkpoint, model_state
+    from codseg.runtime import find_resume, load_checkpoint, model_state
     src = find_resume(cfg)
     if cfg.resume_from and src is None: raise FileNotFoundError(f'--resume-from auto: no last.pth in {cfg.checkpoint_dir} or /kaggle/input')
     if src is None: return build_model(cfg), cfg
@@ -185,7 +185,7 @@ def _setup(cfg: Config, stage: int, model, device):
     return train_dl, val_dl, CODLoss(cfg.loss, cfg.aux_weight, cfg.balance_weight), opt, cbs
 
 def _device(cfg: Config) -> torch.device:
-    from codseg.train import Dist
+    from codseg.runtime import Dist
     return Dist(cfg.device).device
 
 # %% ../nbs/12_findlr.ipynb #ab7d4d10
@@ -194,7 +194,7 @@ def find_lr(cfg: Config, stage: int = 2, start: float = 1e-7, end: float = 10.0,
             png=None,  # write the plot here
             say=print, progress=None) -> dict:  # progress: tqdm's disable (None: auto)
     "LR range test for `stage`: sweep the decoder LR from `start` to `end`; returns lrs, losses and the suggestion."
-    from codseg.train import seed_everything
+    from codseg.runtime import seed_everything
     if not 0 < start < end: raise ValueError(f'find-lr needs 0 < --start < --end, got {start} and {end}')
     if steps < 10: raise ValueError(f'--steps must be at least 10, got {steps}')
     cfg, device = resolve(cfg), _device(cfg)
@@ -230,7 +230,7 @@ def lr_trial(cfg: Config, lr: float, stage: int = 2, steps: int = 20, model=None
     import copy
     from codseg.learner import LRPlanCB, MetricsCB
     cfg, device = resolve(cfg), _device(cfg)
-    from codseg.train import seed_everything
+    from codseg.runtime import seed_everything
     seed_everything(cfg.seed)
     model = copy.deepcopy(model) if model is not None else _load_model(cfg, lambda *a: None)[0]
     m = _stage_model(model.to(device), stage)

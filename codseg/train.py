@@ -4,86 +4,21 @@
 
 # %% ../nbs/10_train.ipynb #308254e7
 from __future__ import annotations
-import argparse, csv, json, math, os, random, shutil, signal, sys, time
+import argparse, csv, json, math, os, signal, sys, time
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-import numpy as np
 import torch
 from .config import Config, resolve, add_args, from_args, to_dict, from_dict, save_config, DATA, MODEL, PLAN, TRAIN
+from .runtime import (Dist, pick_device, seed_everything, save_atomic, copy_atomic, load_checkpoint, rng_state,
+                            set_rng_state, find_resume, check_same_arch, model_state, model_from_checkpoint)
 from .learner import (Learner, Callback, CancelFitException, LRPlanCB, AMPCB, GradGuardCB, EMACB, MetricsCB,
                             ProgressCB, TrainingDiverged, DIVERGE_ADVICE, pick_precision, all_reduce_sum, unwrap)
 
 # %% auto #0
-__all__ = ['PLATEAU_ADVICE', 'ARCH', 'Dist', 'seed_everything', 'save_atomic', 'copy_atomic', 'load_checkpoint', 'rng_state',
-           'set_rng_state', 'find_resume', 'unfrozen_stages', 'StageCB', 'ChannelsLastCB', 'fast_model', 'HistoryCB',
-           'fmt_lr', 'epoch_line', 'write_history', 'plot_history', 'WatchCB', 'RunState', 'CheckpointCB',
-           'SessionLimitCB', 'StopSignalCB', 'check_same_arch', 'model_state', 'Run', 'quiet_worker', 'make_learner',
-           'train', 'banner', 'model_from_checkpoint', 'validate', 'train_cli']
-
-# %% ../nbs/10_train.ipynb #5c25fcb5
-class Dist:
-    "Where this process runs: `rank`, `world`, `device`; `main` is the one that writes."
-    def __init__(self, device='auto'):  # auto, cpu, cuda or cuda:N
-        self.world, self.rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
-        local = int(os.environ.get('LOCAL_RANK', 0))
-        if device == 'auto': device = 'cuda' if torch.cuda.is_available() else 'cpu'
-        if device.startswith('cuda') and not torch.cuda.is_available():
-            raise RuntimeError(f'--device {device}: no CUDA GPU is visible; use --device cpu (or auto)')
-        self.device = torch.device(f'cuda:{local}' if device == 'cuda' and self.world > 1 else device)
-        if self.device.type == 'cuda': torch.cuda.set_device(self.device)
-        if self.world > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group('nccl' if self.device.type == 'cuda' else 'gloo')
-    @property
-    def main(self): return self.rank == 0
-    def barrier(self):
-        if self.world > 1: torch.distributed.barrier()
-
-def seed_everything(seed):
-    "Seed python, numpy and torch."
-    random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
-
-# %% ../nbs/10_train.ipynb #ace2f1da
-def save_atomic(obj, path):
-    "`torch.save` `obj` to `path` through a temporary file and a rename."
-    path = Path(path); tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    with open(tmp, 'wb') as f: torch.save(obj, f); f.flush(); os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-def copy_atomic(src, dst):
-    "Copy file `src` to `dst` through a temporary file and a rename."
-    dst = Path(dst); tmp = dst.with_name(f'.{dst.name}.tmp{os.getpid()}')
-    with open(src, 'rb') as f, open(tmp, 'wb') as g: shutil.copyfileobj(f, g); g.flush(); os.fsync(g.fileno())
-    os.replace(tmp, dst)
-    return dst
-
-def load_checkpoint(path):
-    "Load checkpoint `path` (weights only) with errors that name the file and the fix."
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f'--resume-from {path}: no such file; pass a last.pth or best_model.pth, or auto')
-    try: return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise RuntimeError(f'--resume-from {path}: not a readable checkpoint ({type(e).__name__}: {e}); '
-                           'it may be truncated or from another program: pass another file') from None
-
-def rng_state():
-    "The random states of python, numpy and torch, as weights-only-loadable values."
-    v, py, g = random.getstate(); npn = np.random.get_state()
-    return {'python': [v, list(py), g], 'numpy': [npn[0], torch.from_numpy(npn[1].astype(np.int64)), *npn[2:]],
-            'torch': torch.get_rng_state()}
-
-def set_rng_state(s):
-    random.setstate((s['python'][0], tuple(s['python'][1]), s['python'][2]))
-    n = s['numpy']; np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
-    torch.set_rng_state(s['torch'])
-
-# %% ../nbs/10_train.ipynb #5217419e
-def find_resume(cfg, kaggle_input='/kaggle/input'):
-    "The checkpoint `cfg.resume_from` names: a path, or for 'auto' the newest last.pth (None when there is none)."
-    if cfg.resume_from != 'auto': return cfg.resume_from and Path(cfg.resume_from)
-    found = [p for root in (Path(cfg.checkpoint_dir), Path(kaggle_input)) if root.is_dir() for p in root.rglob('last.pth')]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+__all__ = ['PLATEAU_ADVICE', 'unfrozen_stages', 'StageCB', 'ChannelsLastCB', 'fast_model', 'HistoryCB', 'fmt_lr', 'epoch_line',
+           'write_history', 'plot_history', 'WatchCB', 'RunState', 'CheckpointCB', 'SessionLimitCB', 'StopSignalCB',
+           'Run', 'quiet_worker', 'make_learner', 'train', 'banner', 'validate', 'train_cli']
 
 # %% ../nbs/10_train.ipynb #1fa91f6b
 def unfrozen_stages(epoch, cfg, n_stages, stage):
@@ -283,21 +218,6 @@ class StopSignalCB(Callback):
         for s, h in self.old.items(): signal.signal(s, h)
     after_cancel_fit = after_fit
 
-# %% ../nbs/10_train.ipynb #e4ad4d0b
-ARCH = ('backbone', 'num_experts', 'top_k')
-
-def check_same_arch(saved: dict, cfg, path):
-    "Refuse checkpoint `path` (saved config `saved`) when its architecture differs from `cfg`'s."
-    diff = [k for k in ARCH if k in saved and saved[k] != getattr(cfg, k)]
-    if diff:
-        flags = lambda get: ' '.join(f"--{k.replace('_', '-')} {get(k)}" for k in diff)
-        raise ValueError(f'{path} was trained with {flags(saved.get)}, but this run asks for {flags(lambda k: getattr(cfg, k))}: '
-                         'pass the checkpoint\'s values, or start a new run without --resume-from')
-
-def model_state(ckpt):
-    "The model weights in checkpoint `ckpt`: a full codseg checkpoint or a weights-only state_dict."
-    return ckpt['model'] if 'model' in ckpt else ckpt
-
 # %% ../nbs/10_train.ipynb #8c12c2f8
 class Run:
     "Everything a training run is made of, before the loop starts."
@@ -450,23 +370,12 @@ def _claim_dir(out, run):
         copy_atomic(prev, out/'best_model.pth')
         run.say(f'copied {prev} beside the new checkpoints, so the best model so far goes on with the run')
 
-# %% ../nbs/10_train.ipynb #0b0803ac
-def model_from_checkpoint(path, device='cpu', ema=True):
-    "The model in checkpoint `path` (its EMA weights when saved and `ema`), in eval mode, and its config."
-    from codseg.model import build_model
-    ck = load_checkpoint(path)
-    if 'config' not in ck: raise ValueError(f'{path}: a weights-only file has no config; pass a codseg last.pth or best_model.pth')
-    cfg = from_dict(ck['config'])
-    model = build_model(replace(cfg, pretrained=False, pretrained_path=None, grad_checkpointing=False))
-    state = ck['ema'] if ema and ck.get('ema') else ck['model']
-    model.load_state_dict(state); return model.to(device).eval(), cfg
-
 # %% ../nbs/10_train.ipynb #981a39cd
 def validate(checkpoint, device='auto', **overrides) -> dict:
     "IoU and Dice of `checkpoint` on its run's validation split (config `overrides` applied), in this process."
     from codseg.data import build_data, make_loader
     from codseg.metrics import SegMeter
-    dev = Dist(device).device
+    dev = pick_device(device)
     model, cfg = model_from_checkpoint(checkpoint, dev)
     cfg = resolve(replace(cfg, **overrides))
     val = build_data(cfg, model.mean, model.std).val_ds
