@@ -45,12 +45,24 @@ class Learner:
     "Train `model` with `loss_fn` and `opt` on `train_dl`, validate on `valid_dl`, steered by `cbs`."
     def __init__(self, model, loss_fn, opt, train_dl=None, valid_dl=None, cbs=(), device='cpu',
                  accum=1,  # batches per optimizer step
-                 step_idx=0):  # global optimizer-step index to start from
+                 step_idx=0,  # global optimizer-step index to start from
+                 skip_batches=0,  # batches of the first epoch already done (a mid-epoch resume)
+                 history=None):  # the rows of the epochs already run (a resumed run's), appended to
         self.model, self.loss_fn, self.opt, self.train_dl, self.valid_dl = model, loss_fn, opt, train_dl, valid_dl
         self.device, self.accum, self.step_idx, self.cbs = torch.device(device), accum, step_idx, []
+        self.core = model  # the bare model; a callback may wrap `model` around it (DDP)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)  # a disabled scaler is a no-op; AMPCB swaps it
         self.autocast = self.no_sync = nullcontext  # forward context; gradient no-sync context (DDP) between steps
-        self.eval_model, self.skip_batches, self.grads_ok = None, 0, False
+        self.skip_batches = skip_batches
+        self.eval_model = None  # the model validation runs (EMACB: the EMA weights); None: `model`
+        self.grads_ok = False  # GradGuardCB checked this step's gradients: step without the scaler's own check
+        self.grad_norm = None  # the last step's gradient norm (GradGuardCB)
+        self.loss_sum = None  # the epoch's [loss sum, finite count, non-finite count] on the device (MetricsCB)
+        self.running = None  # `loss_sum` as read at the last step, for progress lines (GradGuardCB)
+        self.skipped = self.overflows = 0  # steps skipped as non-finite so far; of them, fp16 overflows (GradGuardCB)
+        self.metrics = {}  # the last epoch's train loss and validation metrics (MetricsCB)
+        self.history = [] if history is None else history  # one row per epoch (HistoryCB)
+        self.stopped, self.signum = None, 0  # why the fit ended early ('signal', 'session limit'), and by which signal
         for cb in cbs: self.add_cb(cb)
 
     def add_cb(self, cb):
@@ -58,13 +70,18 @@ class Learner:
         cb.learn = self; self.cbs.append(cb); self.cbs.sort(key=attrgetter('order')); return cb
 
     def callback(self, name):
+        "Call event `name` on every callback that implements it, in `order`."
         for cb in self.cbs:
             if (f := getattr(cb, name, None)) is not None: f(self)
 
     def run(self, nm, fn, *args):
-        "Run `before_nm`, `fn(*args)`, `after_nm`; the matching cancel exception ends the part early."
-        try: self.callback(f'before_{nm}'); fn(*args); self.callback(f'after_{nm}')
+        "`before_nm`, `fn(*args)`, `after_nm`; the matching cancel ends it early (`after_cancel_nm`); `cleanup_nm` always."
+        try:
+            self.callback(f'before_{nm}')
+            fn(*args)
+            self.callback(f'after_{nm}')
         except _CANCEL.get(nm, ()): self.callback(f'after_cancel_{nm}')
+        finally: self.callback(f'cleanup_{nm}')
 
     def fit(self, epochs):
         "Train for the epoch indices in `epochs`, validating after each."
@@ -171,9 +188,12 @@ DIVERGE_ADVICE = ("the LR is too high: reduce --stage2-lr (try 0.7x the current 
 class GradGuardCB(Callback):
     "Unscale, then clip gradients to `max_norm` (0: off); skip steps with a non-finite loss or gradient, count them."
     order = 10  # after LRPlanCB
-    def __init__(self, max_norm, patience=20):  # patience: consecutive non-finite steps before stopping
-        self.max_norm, self.patience, self.skipped, self.overflows, self.streak = max_norm, patience, 0, 0, 0
-    def before_fit(self, learn): self.bad = torch.zeros((), device=learn.device)
+    def __init__(self, max_norm, patience=20,  # patience: consecutive non-finite steps before stopping
+                 skipped=0, overflows=0):  # the counts so far (a resumed run's)
+        self.max_norm, self.patience, self.skipped, self.overflows, self.streak = max_norm, patience, skipped, overflows, 0
+    def before_fit(self, learn):
+        self.bad = torch.zeros((), device=learn.device)
+        learn.skipped, learn.overflows = self.skipped, self.overflows
     def after_loss(self, learn):
         if learn.training: self.bad = self.bad + ~torch.isfinite(learn.loss.detach())  # on the device: no host read
     def before_step(self, learn):
@@ -270,6 +290,5 @@ class ProgressCB(Callback):
                  f'{rate:.1f} items/s | ETA {int(left // 60)}m{int(left % 60):02d}s | loss {loss:.4f}')
         self.shown, self.last = now, i
     after_cancel_step = after_step
-    def after_train(self, learn):
+    def cleanup_train(self, learn):  # also after an error: no bar left open
         if self.bar is not None: self.bar.close(); self.bar = None
-    after_cancel_train = after_train
