@@ -104,15 +104,32 @@ def write_history(history, out_dir):
     tmp.replace(out/'history.csv')
     plot_history(history).savefig(out/'.curves.tmp.png', dpi=90); (out/'.curves.tmp.png').replace(out/'curves.png')
 
+# %% ../nbs/10_train.ipynb #53d6dc5f
 def plot_history(history):
-    "A figure of loss, IoU, Dice and LR per epoch."
-    import matplotlib; matplotlib.use('Agg', force=False)
+    "The run's curves: training (and validation) loss, validation IoU and Dice, both groups' LR (log axis) per epoch."
+    import matplotlib
+    matplotlib.use('Agg', force=False)
     import matplotlib.pyplot as plt
     ep = [r['epoch'] for r in history]
-    fig, axs = plt.subplots(1, 4, figsize=(14, 3)); plt.close(fig)
-    for ax, k in zip(axs, ('loss', 'iou', 'dice', 'lr')):
-        ax.plot(ep, [r[k] for r in history], marker='.'); ax.set_title(k if k != 'lr' else 'LR (decoder)'); ax.set_xlabel('epoch')
-    fig.tight_layout(); return fig
+    col = lambda k: [math.nan if r.get(k) is None else r[k] for r in history]  # a column older rows lack: gaps
+    fig, axs = plt.subplots(1, 3, figsize=(15, 3.8))
+    plt.close(fig)
+    axs[0].plot(ep, col('loss'), marker='.', label='training loss')
+    if any(math.isfinite(v) for v in col('val_loss')): axs[0].plot(ep, col('val_loss'), marker='.', label='validation loss')
+    axs[1].plot(ep, col('iou'), marker='.', label='validation IoU')
+    axs[1].plot(ep, col('dice'), marker='.', label='validation Dice')
+    for k, name in (('lr', 'decoder LR'), ('backbone_lr', 'backbone LR')):  # a frozen backbone's 0 is left out
+        axs[2].plot(ep, [v if v > 0 else math.nan for v in col(k)], marker='.', label=name)
+    axs[2].set_yscale('log')  # an LR that ends near 1e-9 stays readable beside 1e-3
+    stage2 = next((r['epoch'] for r in history if r.get('stage') == 2), None)
+    best = max(history, key=lambda r: r['iou']) if history else None
+    for ax, title in zip(axs, ('Loss', 'Validation IoU and Dice', 'Learning rate (log scale)')):
+        if stage2 is not None and stage2 > ep[0]: ax.axvline(stage2 - 0.5, color='grey', ls='--', label='Stage 2 starts')
+        if best is not None: ax.axvline(best['epoch'], color='green', ls=':', label=f"best IoU (epoch {best['epoch']})")
+        ax.set(title=title, xlabel='epoch')
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 # %% ../nbs/10_train.ipynb #4f61cb8f
 PLATEAU_ADVICE = ("raise --stage2-lr (try 1.5x-2x), raise --min-lr to keep learning pressure (e.g. 0.00005), or a "
@@ -142,11 +159,16 @@ class RunState:
     def __init__(self, cfg, plan, history=(), best_iou=-1.0, best_epoch=0):
         self.cfg, self.plan, self.history, self.best_iou, self.best_epoch = cfg, plan, list(history), best_iou, best_epoch
 
+    def next_step(self, epoch, batch):
+        "The global step of the next optimizer step when `batch` batches of `epoch` are done (an epoch's last group steps)."
+        return self.plan.first_step(epoch) + math.ceil(batch / self.cfg.accumulation_steps)
+
     def checkpoint(self, learn, epoch, batch, ema=None, loss_sum=None):
         "The weights-only-loadable checkpoint of `learn` before (epoch, batch) — the next work to do."
         return {'model': unwrap(learn.model).state_dict(), 'optimizer': learn.opt.state_dict(),
                 'scaler': learn.scaler.state_dict(), 'ema': ema.ema.state_dict() if ema else None,
-                'epoch': epoch, 'batch': batch, 'global_step': learn.step_idx, 'stage': self.plan.stage(epoch),
+                'epoch': epoch, 'batch': batch, 'global_step': self.next_step(epoch, batch),
+                'stage': self.plan.stage(epoch),
                 'best_iou': self.best_iou, 'best_epoch': self.best_epoch, 'config': to_dict(self.cfg),
                 'plan': self.plan.to_dict(), 'history': learn.history, 'rng': rng_state(),
                 'loss_sum': None if loss_sum is None else loss_sum.cpu(), 'codseg': __import__('codseg').__version__}
@@ -214,9 +236,8 @@ class StopSignalCB(Callback):
                      'holds it; resume with --resume-from auto (or that path).')
         self._stop(learn, signum)
     def _stop(self, learn, signum): learn.stopped, learn.signum = 'signal', signum; raise CancelFitException()
-    def after_fit(self, learn):
+    def cleanup_fit(self, learn):  # after a stop, the end, or an error: the handlers that were there before
         for s, h in self.old.items(): signal.signal(s, h)
-    after_cancel_fit = after_fit
 
 # %% ../nbs/10_train.ipynb #8c12c2f8
 class Run:
@@ -302,25 +323,30 @@ def make_learner(run: Run, extra_cbs=()):
     state = RunState(cfg, plan, ck['history'] if ck else (), ck['best_iou'] if ck else -1.0, ck['best_epoch'] if ck else 0)
     out = Path(cfg.checkpoint_dir) if dist.main else None
     epoch, skip = run.start
-    metrics, guard = MetricsCB(SegMeter(), ck.get('loss_sum') if ck and skip else None), GradGuardCB(cfg.grad_clip)
+    metrics = MetricsCB(SegMeter(), ck.get('loss_sum') if ck and skip else None)
     ema = EMACB(model, cfg.ema_decay, ck and ck.get('ema')) if cfg.ema else None
-    dtype = run.precision[0]
-    cbs = [StageCB(cfg, plan, loaders, dist), LRPlanCB(plan.lr), guard, metrics, ProgressCB(None if dist.main else True, say=run.say),
-           HistoryCB(plan, out, run.say), WatchCB(run.say), StopSignalCB(state, out, metrics, ema, run.say),
-           *([CheckpointCB(state, out, ema, run.say)] if out else []), *([AMPCB(dtype, ck and ck.get('scaler'))] if dtype else []),
-           *([ema] if ema else []), *([ChannelsLastCB()] if cfg.channels_last else []),
-           SessionLimitCB(cfg.stop_after, cfg.time_limit), *extra_cbs]
-    learn = Learner(core, loss_fn, opt, loaders[plan.stage(epoch)], valid,
-                    cbs, dist.device, cfg.accumulation_steps, plan.first_step(epoch) + math.ceil(skip / cfg.accumulation_steps))
-    learn.history, learn.skip_batches, learn.stopped, learn.core = state.history, skip, None, core
-    if ck:  # the optimizer, RNG and counters of the checkpoint (the scaler and EMA states went to their callbacks)
+    dtype, last = run.precision[0], ck['history'][-1] if ck and ck['history'] else {}
+    cbs = [StageCB(cfg, plan, loaders, dist),  # the stage's frozen/unfrozen backbone and loader; DDP re-wrap
+           LRPlanCB(plan.lr),  # each step's LR from the plan
+           GradGuardCB(cfg.grad_clip, skipped=last.get('skipped_steps', 0), overflows=last.get('overflow_steps', 0)),
+           metrics,  # train loss, validation IoU and Dice
+           ProgressCB(None if dist.main else True, say=run.say),  # a bar, or plain lines in logs
+           HistoryCB(plan, out, run.say),  # the epoch line, history.csv, curves.png
+           WatchCB(run.say),  # divergence stops; a plateau warns
+           StopSignalCB(state, out, metrics, ema, run.say),  # SIGINT/SIGTERM: a resumable save, then stop
+           *([CheckpointCB(state, out, ema, run.say)] if out else []),  # best_model.pth, last.pth (rank 0)
+           *([AMPCB(dtype, ck and ck.get('scaler'))] if dtype else []),  # autocast; fp16's grad scaler
+           *([ema] if ema else []),  # --ema: the EMA weights, validated
+           *([ChannelsLastCB()] if cfg.channels_last else []),
+           SessionLimitCB(cfg.stop_after, cfg.time_limit),  # --stop-after, --time-limit
+           *extra_cbs]  # the caller's (tests, notebooks)
+    learn = Learner(core, loss_fn, opt, loaders[plan.stage(epoch)], valid, cbs, dist.device, cfg.accumulation_steps,
+                    state.next_step(epoch, skip), skip_batches=skip, history=state.history)
+    if ck:  # the optimizer and RNG states of the checkpoint (the scaler and EMA states went to their callbacks)
         try: opt.load_state_dict(ck['optimizer'])
         except (ValueError, KeyError) as e: run.say(f'Warning: the optimizer state in {run.src} does not fit ({e}); '
                                                     'the weights are resumed, the optimizer starts afresh')
         set_rng_state(ck['rng'])
-        last = ck['history'][-1] if ck['history'] else {}
-        guard.skipped = learn.skipped = last.get('skipped_steps', 0)
-        guard.overflows = learn.overflows = last.get('overflow_steps', 0)
     return learn
 
 # %% ../nbs/10_train.ipynb #963dca59
@@ -335,17 +361,14 @@ def train(cfg: Config = None, callbacks=(), kaggle_input='/kaggle/input', say=pr
     if dist.main: _claim_dir(out, run)
     learn = make_learner(run, callbacks)
     epoch, _ = run.start
-    try: learn.fit(range(epoch, run.plan.epochs))
-    finally:
-        for cb in learn.cbs:
-            if isinstance(cb, StopSignalCB): cb.after_fit(learn)
+    learn.fit(range(epoch, run.plan.epochs))  # StopSignalCB puts the signal handlers back in its cleanup_fit
     dist.barrier()
     h = learn.history
     if dist.main and h and learn.stopped is None:
         best = max(h, key=lambda r: r['iou'])
         run.say(f"Done: best IoU {best['iou']:.4f} at epoch {best['epoch']}; checkpoints in {out}")
     return {'history': h, 'best_iou': max((r['iou'] for r in h), default=None), 'checkpoint_dir': str(out),
-            'stopped': learn.stopped, 'signal': getattr(learn, 'signum', 0), 'last_epoch': h[-1]['epoch'] if h else epoch}
+            'stopped': learn.stopped, 'signal': learn.signum, 'last_epoch': h[-1]['epoch'] if h else epoch}
 
 def banner(run) -> str:
     "What the run is about to do: device, precision (and why), data, resume note and the LR plan."
