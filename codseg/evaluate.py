@@ -31,7 +31,8 @@ def load_model(checkpoint, device):
 class EvalDataset(SegDataset):
     "Validation items (the network input exactly as training validated) plus the mask at original size ('gt', uint8 0/255)."
     def __getitem__(self, i) -> dict:
-        item = super().__getitem__(int(i)); del item['mask']  # the resized mask; scoring reads the original
+        item = super().__getitem__(int(i))
+        del item['mask']  # the resized mask; scoring reads the original
         p = self.pairs[item['index']]
         gt = read_mask(p.mask) if p.mask else np.zeros(tuple(item['size'].tolist()), np.uint8)
         return {**item, 'gt': gt * np.uint8(255)}
@@ -55,7 +56,8 @@ def _views(tta: bool):
 
 def predict_probs(model, x: torch.Tensor, tta: bool = False, amp_dtype=None) -> torch.Tensor:
     "Foreground probabilities (B,1,H,W) float32 of `model` on normalised batch `x` (B,3,H,W); TTA averages 6 views."
-    H, W = x.shape[-2:]; total = 0
+    H, W = x.shape[-2:]
+    total = 0
     for s, flip in _views(tta):
         v = x if s == 1 else F.interpolate(x, size=[max(32, round(d * s / 32) * 32) for d in (H, W)], mode='bilinear', align_corners=False)
         if flip: v = v.flip(-1)
@@ -178,7 +180,9 @@ def write_results(rows: list[dict], meta: dict, csv_path: Path, json_path: Path)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     existed = csv_path.exists() or json_path.exists()
     with open(csv_path, 'w', newline='') as f:
-        wr = csv.DictWriter(f, fieldnames=['dataset', 'images', *METRICS]); wr.writeheader(); wr.writerows(rows)
+        wr = csv.DictWriter(f, fieldnames=['dataset', 'images', *METRICS])
+        wr.writeheader()
+        wr.writerows(rows)
     json_path.write_text(json.dumps({**meta, 'results': rows}, indent=2))
     return f"results written to {csv_path} and {json_path.name}" + (' (replacing an earlier evaluation)' if existed else '')
 
@@ -211,7 +215,8 @@ def image_files(input) -> list[Path]:
 
 def overlay(img: np.ndarray, mask: np.ndarray, truth=None, alpha: float = 0.45) -> np.ndarray:
     "RGB `img` with boolean `mask` tinted red and outlined in yellow; the outline of boolean `truth` in green."
-    out = img.copy(); out[mask] = (out[mask] * (1 - alpha) + np.array([255, 0, 0]) * alpha).astype(np.uint8)
+    out = img.copy()
+    out[mask] = (out[mask] * (1 - alpha) + np.array([255, 0, 0]) * alpha).astype(np.uint8)
     width = max(1, round(max(img.shape[:2]) / 300))
     for m, colour in ((mask, (255, 255, 0)), (truth, (0, 255, 0))):
         if m is None: continue
@@ -253,7 +258,8 @@ def predict(checkpoint, input, output, masks: bool = False, overlays: bool = Fal
             probs = predict_probs(model, b['image'].to(dev, non_blocking=True), tta, _amp(dev, cfg.amp))
             for p, size, i in zip(probs[:, 0], b['size'], b['index']):
                 m, stem = to_uint8_map(p, size.tolist()), files[i].stem
-                _write_png(out/f'{stem}.png', m); written.append(out/f'{stem}.png')
+                _write_png(out/f'{stem}.png', m)
+                written.append(out/f'{stem}.png')
                 if masks: _write_png(out/'masks'/f'{stem}.png', np.where(m >= 128, 255, 0).astype(np.uint8))
                 if overlays: _write_png(out/'overlays'/f'{stem}.jpg', overlay(read_image(files[i]), m >= 128))
             bar.update(len(b['index']))
@@ -284,11 +290,16 @@ def prediction_grid(checkpoint, dataset_path, n: int = 6, set_name=None, tta: bo
     pick = [pairs[round(i)] for i in np.linspace(0, len(pairs) - 1, min(n, len(pairs)))]
     b = next(iter(eval_loader(pick, cfg.img_size, model.mean, model.std, len(pick), 0)))
     with torch.inference_mode(): probs = predict_probs(model, b['image'].to(dev), tta, _amp(dev, cfg.amp))
-    fig, axs = plt.subplots(len(pick), 4, figsize=(12, 2.8 * len(pick)), squeeze=False); plt.close(fig)
+    fig, axs = plt.subplots(len(pick), 4, figsize=(12, 2.8 * len(pick)), squeeze=False)
+    plt.close(fig)
     for row, p, gt, pair in zip(axs, probs[:, 0], b['gt'], pick):
         pred, img, meter = to_uint8_map(p, gt.shape), read_image(pair.image), SODMeter()
-        meter.update(pred, gt, pair.name); s = meter.compute()
+        meter.update(pred, gt, pair.name)
+        s = meter.compute()
         for ax, a, title in zip(row, (img, gt, pred, overlay(img, pred >= 128, gt > 0)),
                                 (pair.name, 'mask', f"prediction (Sm {s['Sm']:.3f})", f"overlay (IoU {s['IoU']:.3f})")):
-            ax.imshow(a, cmap='gray', vmin=0, vmax=255); ax.set_title(title, fontsize=9); ax.axis('off')
-    fig.tight_layout(); return fig
+            ax.imshow(a, cmap='gray', vmin=0, vmax=255)
+            ax.set_title(title, fontsize=9)
+            ax.axis('off')
+    fig.tight_layout()
+    return fig

@@ -18,7 +18,7 @@ __all__ = ['ARCH', 'pick_device', 'Dist', 'seed_everything', 'save_atomic', 'cop
 # %% ../nbs/09a_runtime.ipynb #2506266e
 def pick_device(device='auto',  # auto, cpu, cuda or cuda:N
                 local=None) -> torch.device:  # under torchrun: this process's GPU for a plain 'cuda'
-    "`--device` as a torch device ('auto': CUDA when visible, else CPU), refused when it names a GPU that is not there."
+    "`--device` as a torch device ('auto': CUDA when visible, else CPU); refused when it names a missing GPU."
     if device == 'auto': device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if device.startswith('cuda') and not torch.cuda.is_available():
         raise RuntimeError(f'--device {device}: no CUDA GPU is visible; use --device cpu (or auto)')
@@ -76,12 +76,14 @@ def _found(path: Path, e: Exception) -> str:
     if head[:1] == b'\x80': return 'a plain pickle, never loaded since it could run code'
     if head != b'PK\x03\x04': return 'a file of another kind'
     if not zipfile.is_zipfile(path): return 'a truncated or damaged file'
-    if 'Weights only load failed' in str(e): return 'objects besides weights, never loaded since they could run code'
+    if 'Weights only load failed' in str(e):
+        return 'objects besides weights, never loaded since they could run code'
     return 'a damaged file'
 
 def load_checkpoint(path, flag='--resume-from'):  # flag: the option that named `path`, for the messages
     "Load checkpoint `path` (weights only) with one-line errors that name the file, what was found and the fix."
-    path, fix = Path(path), 'pass a codseg last.pth or best_model.pth' + (', or auto' if flag == '--resume-from' else '')
+    path = Path(path)
+    fix = 'pass a codseg last.pth or best_model.pth' + (', or auto' if flag == '--resume-from' else '')
     if not path.is_file(): raise FileNotFoundError(f'{flag} {path}: no such file; {fix}')
     try:
         with warnings.catch_warnings():  # not PyTorch's notes on the pickle protocol of a file it refuses
@@ -135,7 +137,8 @@ def model_from_checkpoint(path, device='cpu', ema=True, flag='--checkpoint'):  #
     from codseg.model import build_model
     ck = load_checkpoint(path, flag)
     if 'config' not in ck:
-        raise ValueError(f'{flag} {path}: a weights-only file has no config; pass a codseg last.pth or best_model.pth')
+        raise ValueError(f'{flag} {path}: a weights-only file has no config; '
+                         'pass a codseg last.pth or best_model.pth')
     cfg = from_dict(ck['config'])
     model = build_model(replace(cfg, pretrained=False, pretrained_path=None, grad_checkpointing=False))
     state = ck['ema'] if ema and ck.get('ema') else ck['model']

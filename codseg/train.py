@@ -22,7 +22,7 @@ __all__ = ['PLATEAU_ADVICE', 'unfrozen_stages', 'StageCB', 'ChannelsLastCB', 'fa
 
 # %% ../nbs/10_train.ipynb #1fa91f6b
 def unfrozen_stages(epoch, cfg, n_stages, stage):
-    "How many of the deepest backbone stages train in `epoch` of `stage` (None: all) under `cfg`'s unfreezing timetable."
+    "How many of the deepest backbone stages train in `epoch` of `stage` (None: all), by `cfg`'s timetable."
     if stage == 1: return 0
     if not cfg.progressive_unfreeze: return None
     every = max(1, (cfg.epochs - cfg.stage1_epochs) // (2 * n_stages))
@@ -42,11 +42,14 @@ class StageCB(Callback):
         else: unfreeze_backbone(model, k)
         learn.train_dl = self.loaders[self.plan.stage(learn.epoch)]
         learn.train_dl.sampler.set_epoch(learn.epoch, learn.skip_batches * learn.train_dl.batch_size)
-        if self.dist.world > 1 and self.key != k: self.key = k; self._wrap(learn)
+        if self.dist.world > 1 and self.key != k:
+            self.key = k
+            self._wrap(learn)
     def _wrap(self, learn):
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [self.dist.device.index] if self.dist.device.type == 'cuda' else None
-        learn.model = DDP(learn.core, device_ids=ids, find_unused_parameters=False)  # every parameter gets a gradient (experts stacked)
+        # every parameter gets a gradient (the experts are stacked): no search for unused ones
+        learn.model = DDP(learn.core, device_ids=ids, find_unused_parameters=False)
         learn.no_sync = learn.model.no_sync
 
 # %% ../nbs/10_train.ipynb #3bc0c914
@@ -106,7 +109,7 @@ def write_history(history, out_dir):
 
 # %% ../nbs/10_train.ipynb #53d6dc5f
 def plot_history(history):
-    "The run's curves: training (and validation) loss, validation IoU and Dice, both groups' LR (log axis) per epoch."
+    "The run's curves per epoch: training (and validation) loss, validation IoU and Dice, both LRs (log axis)."
     import matplotlib
     matplotlib.use('Agg', force=False)
     import matplotlib.pyplot as plt
@@ -115,7 +118,8 @@ def plot_history(history):
     fig, axs = plt.subplots(1, 3, figsize=(15, 3.8))
     plt.close(fig)
     axs[0].plot(ep, col('loss'), marker='.', label='training loss')
-    if any(math.isfinite(v) for v in col('val_loss')): axs[0].plot(ep, col('val_loss'), marker='.', label='validation loss')
+    if any(math.isfinite(v) for v in col('val_loss')):
+        axs[0].plot(ep, col('val_loss'), marker='.', label='validation loss')
     axs[1].plot(ep, col('iou'), marker='.', label='validation IoU')
     axs[1].plot(ep, col('dice'), marker='.', label='validation Dice')
     for k, name in (('lr', 'decoder LR'), ('backbone_lr', 'backbone LR')):  # a frozen backbone's 0 is left out
@@ -124,8 +128,10 @@ def plot_history(history):
     stage2 = next((r['epoch'] for r in history if r.get('stage') == 2), None)
     best = max(history, key=lambda r: r['iou']) if history else None
     for ax, title in zip(axs, ('Loss', 'Validation IoU and Dice', 'Learning rate (log scale)')):
-        if stage2 is not None and stage2 > ep[0]: ax.axvline(stage2 - 0.5, color='grey', ls='--', label='Stage 2 starts')
-        if best is not None: ax.axvline(best['epoch'], color='green', ls=':', label=f"best IoU (epoch {best['epoch']})")
+        if stage2 is not None and stage2 > ep[0]:
+            ax.axvline(stage2 - 0.5, color='grey', ls='--', label='Stage 2 starts')
+        if best is not None:
+            ax.axvline(best['epoch'], color='green', ls=':', label=f"best IoU (epoch {best['epoch']})")
         ax.set(title=title, xlabel='epoch')
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -142,25 +148,29 @@ class WatchCB(Callback):
     def __init__(self, say=print, window=6, flat=0.005, blowup=3.0):
         self.say, self.window, self.flat, self.blowup, self.warned = say, window, flat, blowup, -10**9
     def after_epoch(self, learn):
-        h = learn.history; loss = h[-1]['loss']; best = min((r['loss'] for r in h if math.isfinite(r['loss'])), default=math.inf)
+        h = learn.history
+        loss, best = h[-1]['loss'], min((r['loss'] for r in h if math.isfinite(r['loss'])), default=math.inf)
         if not math.isfinite(loss) or loss > self.blowup * best or learn.metrics.get('nonfinite', 0) > 0.5:
-            raise TrainingDiverged(f"Epoch {h[-1]['epoch']}: loss {loss:.4f} is far above its best {best:.4f}: {DIVERGE_ADVICE}. "
+            raise TrainingDiverged(f"Epoch {h[-1]['epoch']}: loss {loss:.4f} is far above its best {best:.4f}: "
+                                   f'{DIVERGE_ADVICE}. '
                                    'last.pth and best_model.pth keep the last good epoch.')
         ious = [r['iou'] for r in h[-self.window:]]
         best_before = max([r['iou'] for r in h[:-self.window]], default=-1)
         if (len(ious) == self.window and max(ious) - min(ious) < self.flat and max(ious) <= best_before + self.flat
                 and len(h) - self.warned >= self.window):
             self.warned = len(h)
-            self.say(f'Warning: IoU has stayed near {ious[-1]:.4f} for {self.window} epochs (a plateau): {PLATEAU_ADVICE}.')
+            self.say(f'Warning: IoU has stayed near {ious[-1]:.4f} for {self.window} epochs (a plateau): '
+                     f'{PLATEAU_ADVICE}.')
 
 # %% ../nbs/10_train.ipynb #869c9ba0
 class RunState:
     "What a checkpoint holds besides the weights: where the run is and what it has seen."
     def __init__(self, cfg, plan, history=(), best_iou=-1.0, best_epoch=0):
-        self.cfg, self.plan, self.history, self.best_iou, self.best_epoch = cfg, plan, list(history), best_iou, best_epoch
+        self.cfg, self.plan, self.history = cfg, plan, list(history)
+        self.best_iou, self.best_epoch = best_iou, best_epoch
 
     def next_step(self, epoch, batch):
-        "The global step of the next optimizer step when `batch` batches of `epoch` are done (an epoch's last group steps)."
+        "The global step of the next optimizer step once `batch` batches of `epoch` are done."
         return self.plan.first_step(epoch) + math.ceil(batch / self.cfg.accumulation_steps)
 
     def checkpoint(self, learn, epoch, batch, ema=None, loss_sum=None):
@@ -171,7 +181,8 @@ class RunState:
                 'stage': self.plan.stage(epoch),
                 'best_iou': self.best_iou, 'best_epoch': self.best_epoch, 'config': to_dict(self.cfg),
                 'plan': self.plan.to_dict(), 'history': learn.history, 'rng': rng_state(),
-                'loss_sum': None if loss_sum is None else loss_sum.cpu(), 'codseg': __import__('codseg').__version__}
+                'loss_sum': None if loss_sum is None else loss_sum.cpu(),
+                'codseg': __import__('codseg').__version__}
 
 class CheckpointCB(Callback):
     "Write best_model.pth on a better validation IoU, then last.pth, each atomically, after every epoch."
@@ -189,22 +200,25 @@ class CheckpointCB(Callback):
         self.say(f'  saved best_model.pth (IoU {iou:.4f})')
 
 class SessionLimitCB(Callback):
-    "Stop after `stop_after` epochs, or when one more epoch would end past `time_limit` hours (after the checkpoint)."
+    "Stop after `stop_after` epochs, or when one more would end past `time_limit` hours (after the checkpoint)."
     order = 95
     def __init__(self, stop_after=None, time_limit=None): self.n, self.hours = stop_after, time_limit
     def before_fit(self, learn): self.t0, self.done = time.time(), 0
     def before_epoch(self, learn): self.te = time.time()
     def after_epoch(self, learn):
-        self.done += 1; now = time.time()
+        self.done += 1
+        now = time.time()
         over = self.hours is not None and (now + (now - self.te) - self.t0) / 3600 > self.hours
         if (self.n is not None and self.done >= self.n) or over:
-            learn.stopped = 'session limit'; raise CancelFitException()
+            learn.stopped = 'session limit'
+            raise CancelFitException()
 
 class StopSignalCB(Callback):
-    "On SIGINT or SIGTERM, save a resumable mid-epoch last.pth at the next step boundary (or epoch end), then stop."
+    "On SIGINT or SIGTERM, save a resumable last.pth at the next step boundary (or epoch end), then stop."
     order = 90
     def __init__(self, state, out_dir, metrics, ema=None, say=print):  # out_dir None: not the writing process
-        self.state, self.out, self.metrics, self.ema, self.say = state, out_dir and Path(out_dir), metrics, ema, say
+        self.state, self.out, self.metrics, self.ema = state, out_dir and Path(out_dir), metrics, ema
+        self.say = say
         self.signum, self.old = 0, {}
     def before_fit(self, learn):
         self.old = {}
@@ -212,7 +226,7 @@ class StopSignalCB(Callback):
             for s in (signal.SIGINT, signal.SIGTERM): self.old[s] = signal.signal(s, self._on_signal)
         except ValueError: self.old = {}  # not the main thread: no handlers
     def _on_signal(self, signum, frame):
-        "Note the first signal; a second Ctrl-C interrupts at once (a repeated SIGTERM, as torchrun forwards it, waits)."
+        "Note the first signal; a second Ctrl-C interrupts at once (a repeated SIGTERM, as torchrun sends, waits)."
         if self.signum == signum == signal.SIGINT: signal.default_int_handler(signum, frame)
         self.signum = self.signum or signum
     def _agreed(self):
@@ -220,22 +234,27 @@ class StopSignalCB(Callback):
         import torch.distributed as dist
         if not (dist.is_available() and dist.is_initialized()): return self.signum  # no tensor, no host read
         t = torch.tensor([self.signum], device='cuda' if dist.get_backend() == 'nccl' else 'cpu')
-        dist.all_reduce(t, op=dist.ReduceOp.MAX); return int(t.item())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
     def after_step(self, learn):
         if not (signum := self._agreed()): return
         if self.out is not None:
             save_atomic(self.state.checkpoint(learn, learn.epoch, learn.iter + 1, self.ema, self.metrics.loss_sum),
                         self.out/'last.pth')
-            self.say(f'\nStopped by {signal.Signals(signum).name} in epoch {learn.epoch + 1} after batch {learn.iter + 1}: '
+            self.say(f'\nStopped by {signal.Signals(signum).name} in epoch {learn.epoch + 1} '
+                     f'after batch {learn.iter + 1}: '
                      f'saved {self.out/"last.pth"}; resume with --resume-from auto (or that path).')
         self._stop(learn, signum)
-    def after_epoch(self, learn):  # a signal during validation: the epoch's own checkpoint (CheckpointCB) is the save
+    def after_epoch(self, learn):  # a signal during validation: the epoch's checkpoint (CheckpointCB) is the save
         if not (signum := self._agreed()): return
         if self.out is not None:
-            self.say(f'\nStopped by {signal.Signals(signum).name} after epoch {learn.epoch + 1}: {self.out/"last.pth"} '
+            self.say(f'\nStopped by {signal.Signals(signum).name} after epoch {learn.epoch + 1}: '
+                     f'{self.out/"last.pth"} '
                      'holds it; resume with --resume-from auto (or that path).')
         self._stop(learn, signum)
-    def _stop(self, learn, signum): learn.stopped, learn.signum = 'signal', signum; raise CancelFitException()
+    def _stop(self, learn, signum):
+        learn.stopped, learn.signum = 'signal', signum
+        raise CancelFitException()
     def cleanup_fit(self, learn):  # after a stop, the end, or an error: the handlers that were there before
         for s, h in self.old.items(): signal.signal(s, h)
 
@@ -246,13 +265,16 @@ class Run:
         from codseg.model import build_model
         from codseg.data import build_data
         self.cfg, self.dist, self.say = resolve(cfg), dist, say if dist.main else (lambda *a, **k: None)
-        if not self.cfg.dataset_path: raise ValueError('--dataset-path is required: a dataset folder, a /kaggle/input mount, or synthetic')
+        if not self.cfg.dataset_path:
+            raise ValueError('--dataset-path is required: a dataset folder, a /kaggle/input mount, or synthetic')
         self.precision = pick_precision(dist.device, self.cfg.precision)  # (autocast dtype or None, why)
         self.src = find_resume(self.cfg, kaggle_input)
         self.ckpt = load_checkpoint(self.src) if self.src else None
-        if self.ckpt is not None and 'config' in self.ckpt: check_same_arch(self.ckpt['config'], self.cfg, self.src)
+        if self.ckpt is not None and 'config' in self.ckpt:
+            check_same_arch(self.ckpt['config'], self.cfg, self.src)
         seed_everything(self.cfg.seed)
-        fresh = self.cfg.pretrained and self.ckpt is None and not self.cfg.dry_run  # weights come from the hub only when needed
+        # weights come from the hub only when needed
+        fresh = self.cfg.pretrained and self.ckpt is None and not self.cfg.dry_run
         self.model = build_model(replace(self.cfg, pretrained=fresh))
         if self.ckpt is not None: self._load_weights()
         if self.full: self._newer_best()
@@ -263,20 +285,20 @@ class Run:
     def _load_weights(self):
         try: self.model.load_state_dict(model_state(self.ckpt))
         except RuntimeError as e:
-            raise ValueError(f'{self.src}: its weights do not fit this model ({str(e)[:300]}...): pass the --backbone '
-                             'and --num-experts it was trained with; if they match, an earlier codseg version with a '
-                             'different model wrote it: resume it with that version') from None
+            raise ValueError(f'{self.src}: its weights do not fit this model ({str(e)[:300]}...): pass the '
+                             '--backbone and --num-experts it was trained with; if they match, an earlier codseg '
+                             'version with a different model wrote it: resume it with that version') from None
 
     def _newer_best(self):
-        "Take the best from a best_model.pth beside the checkpoint written after it (a kill between the two writes)."
+        "Take the best from a best_model.pth beside the checkpoint, written after it (a kill between the writes)."
         p = self.src.parent/'best_model.pth'
         if self.src.name == p.name or not p.is_file(): return
         try: b = torch.load(p, map_location='cpu', weights_only=True, mmap=True)
         except Exception: return  # unreadable: the run goes on with last.pth's best, and overwrites it when beaten
         if b.get('best_epoch', 0) > self.ckpt['best_epoch']:
             self.ckpt['best_iou'], self.ckpt['best_epoch'] = b['best_iou'], b['best_epoch']
-            self.say(f"{p} holds epoch {b['best_epoch']} (IoU {b['best_iou']:.4f}), written just before {self.src} "
-                     'could record it: it stays the best so far')
+            self.say(f"{p} holds epoch {b['best_epoch']} (IoU {b['best_iou']:.4f}), written just before "
+                     f'{self.src} could record it: it stays the best so far')
 
     @property
     def full(self): return self.ckpt is not None and 'epoch' in self.ckpt
@@ -297,9 +319,9 @@ class Run:
 
 # %% ../nbs/10_train.ipynb #684d469e
 def quiet_worker(init, worker_id):
-    "A DataLoader worker's start: leave a SIGINT or SIGTERM to the whole process group to the main process; then `init`."
+    "A DataLoader worker's start: leave a SIGINT or SIGTERM to the process group to the main process; then `init`."
     os.setpgid(0, 0)  # its own group: a signal to the run's group (a kernel or session stopping) does not reach it
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # SIGTERM keeps torch's handler: the main process can still end it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # SIGTERM keeps torch's handler: the main process can end it
     if init is not None: init(worker_id)
 
 def make_learner(run: Run, extra_cbs=()):
@@ -320,7 +342,7 @@ def make_learner(run: Run, extra_cbs=()):
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     core = fast_model(model, cfg, dist.device)
     loss_fn = CODLoss(cfg.loss, aux_weight=cfg.aux_weight, balance_weight=cfg.balance_weight)
-    state = RunState(cfg, plan, ck['history'] if ck else (), ck['best_iou'] if ck else -1.0, ck['best_epoch'] if ck else 0)
+    state = RunState(cfg, plan, *((ck['history'], ck['best_iou'], ck['best_epoch']) if ck else ()))
     out = Path(cfg.checkpoint_dir) if dist.main else None
     epoch, skip = run.start
     metrics = MetricsCB(SegMeter(), ck.get('loss_sum') if ck and skip else None)
@@ -328,7 +350,8 @@ def make_learner(run: Run, extra_cbs=()):
     dtype, last = run.precision[0], ck['history'][-1] if ck and ck['history'] else {}
     cbs = [StageCB(cfg, plan, loaders, dist),  # the stage's frozen/unfrozen backbone and loader; DDP re-wrap
            LRPlanCB(plan.lr),  # each step's LR from the plan
-           GradGuardCB(cfg.grad_clip, skipped=last.get('skipped_steps', 0), overflows=last.get('overflow_steps', 0)),
+           GradGuardCB(cfg.grad_clip, skipped=last.get('skipped_steps', 0),  # clip; skip non-finite steps
+                       overflows=last.get('overflow_steps', 0)),
            metrics,  # train loss, validation IoU and Dice
            ProgressCB(None if dist.main else True, say=run.say),  # a bar, or plain lines in logs
            HistoryCB(plan, out, run.say),  # the epoch line, history.csv, curves.png
@@ -340,12 +363,13 @@ def make_learner(run: Run, extra_cbs=()):
            *([ChannelsLastCB()] if cfg.channels_last else []),
            SessionLimitCB(cfg.stop_after, cfg.time_limit),  # --stop-after, --time-limit
            *extra_cbs]  # the caller's (tests, notebooks)
-    learn = Learner(core, loss_fn, opt, loaders[plan.stage(epoch)], valid, cbs, dist.device, cfg.accumulation_steps,
-                    state.next_step(epoch, skip), skip_batches=skip, history=state.history)
+    learn = Learner(core, loss_fn, opt, loaders[plan.stage(epoch)], valid, cbs, dist.device,
+                    cfg.accumulation_steps, state.next_step(epoch, skip), skip_batches=skip, history=state.history)
     if ck:  # the optimizer and RNG states of the checkpoint (the scaler and EMA states went to their callbacks)
         try: opt.load_state_dict(ck['optimizer'])
-        except (ValueError, KeyError) as e: run.say(f'Warning: the optimizer state in {run.src} does not fit ({e}); '
-                                                    'the weights are resumed, the optimizer starts afresh')
+        except (ValueError, KeyError) as e:
+            run.say(f'Warning: the optimizer state in {run.src} does not fit ({e}); the weights are resumed, '
+                    'the optimizer starts afresh')
         set_rng_state(ck['rng'])
     return learn
 
@@ -357,7 +381,9 @@ def train(cfg: Config = None, callbacks=(), kaggle_input='/kaggle/input', say=pr
     run = Run(cfg, dist, kaggle_input, say)
     cfg, out = run.cfg, Path(run.cfg.checkpoint_dir)
     run.say(banner(run))
-    if cfg.dry_run: run.say(json.dumps(to_dict(cfg), indent=2)); return {'dry_run': True, 'plan': run.plan}
+    if cfg.dry_run:
+        run.say(json.dumps(to_dict(cfg), indent=2))
+        return {'dry_run': True, 'plan': run.plan}
     if dist.main: _claim_dir(out, run)
     learn = make_learner(run, callbacks)
     epoch, _ = run.start
@@ -372,23 +398,23 @@ def train(cfg: Config = None, callbacks=(), kaggle_input='/kaggle/input', say=pr
 
 def banner(run) -> str:
     "What the run is about to do: device, precision (and why), data, resume note and the LR plan."
-    d = run.dist
-    amp = run.precision[0]
-    return '\n'.join([f'codseg: {run.cfg.backbone} x{run.cfg.num_experts} experts on {d.device}'
-                      f"{f' x{d.world} processes' if d.world > 1 else ''}, AMP {str(amp).replace('torch.', '') if amp else 'off'}",
-                      f'Precision: {run.precision[1]}', run.data.summary, f'Plan: {run.note}', run.plan.summary()] +
-                     [f"WARNING: this run trains or validates on the test set(s) {', '.join(t)}"
-                      for t in [run.data.found.test_trained()] if t])
+    d, amp = run.dist, run.precision[0]
+    procs = f' x{d.world} processes' if d.world > 1 else ''
+    amp = str(amp).replace('torch.', '') if amp else 'off'
+    test = run.data.found.test_trained()
+    warn = [f"WARNING: this run trains or validates on the test set(s) {', '.join(test)}"] if test else []
+    return '\n'.join([f'codseg: {run.cfg.backbone} x{run.cfg.num_experts} experts on {d.device}{procs}, AMP {amp}',
+                      f'Precision: {run.precision[1]}', run.data.summary, f'Plan: {run.note}', run.plan.summary(), *warn])
 
 def _claim_dir(out, run):
     "Create the checkpoint folder, clear temporary files a killed run left; refuse to overwrite an earlier run."
     out.mkdir(parents=True, exist_ok=True)
     for t in out.glob('.*.tmp*'): t.unlink()
     if run.ckpt is None and (out/'last.pth').exists():
-        raise FileExistsError(f'--checkpoint-dir {out} already holds last.pth from an earlier run: continue it with '
-                              '--resume-from auto, or pass another --checkpoint-dir (nothing was overwritten)')
+        raise FileExistsError(f'--checkpoint-dir {out} already holds last.pth from an earlier run: continue it '
+                              'with --resume-from auto, or pass another --checkpoint-dir (nothing was overwritten)')
     save_config(run.cfg, out/'config.json')
-    prev = run.src and run.src.parent/'best_model.pth'  # a previous session's output attached elsewhere (Kaggle input)
+    prev = run.src and run.src.parent/'best_model.pth'  # a previous session's output elsewhere (Kaggle input)
     if prev and prev.is_file() and prev.parent.resolve() != out.resolve() and not (out/'best_model.pth').exists():
         copy_atomic(prev, out/'best_model.pth')
         run.say(f'copied {prev} beside the new checkpoints, so the best model so far goes on with the run')
@@ -413,6 +439,6 @@ def validate(checkpoint, device='auto', **overrides) -> dict:
 from .cli import train_parser  # the parser lives in the light codseg.cli: `codseg train --help` imports no torch
 
 def train_cli(argv=None) -> int:
-    "Run `codseg train` with flags `argv`; 0 done, 128 + N after a resumable stop by signal N; errors reach `codseg.cli.main`."
+    "Run `codseg train` with flags `argv`; 0 done, 128 + N after a resumable stop by signal N."
     r = train(from_args(train_parser().parse_args(argv)))
     return 128 + r['signal'] if r.get('signal') else 0
