@@ -6,11 +6,12 @@
 from __future__ import annotations
 import argparse, errno, importlib, os, re, sys, traceback
 from pathlib import Path
-from .config import Config, add_args, from_args, DATA, MODEL, PLAN, TRAIN
+from .config import Config, add_args, from_args, parse_loggers, DATA, MODEL, PLAN, TRAIN
+from .errors import CHECKPOINT_FIX, WRITE_FIX, UsageError, describe, one_line, report
 
 # %% auto #0
-__all__ = ['CKPT_DEFAULTS', 'RANGES', 'OUTPUTS', 'DISK', 'COMMANDS', 'train_parser', 'evaluate_parser', 'predict_parser',
-           'find_lr_parser', 'UsageError', 'check_settings', 'one_line', 'describe', 'run_command', 'main']
+__all__ = ['CKPT_DEFAULTS', 'CHECKPOINT_HELP', 'TTA_HELP', 'RANGES', 'OUTPUTS', 'COMMANDS', 'train_parser', 'evaluate_parser',
+           'predict_parser', 'find_lr_parser', 'inside_input', 'check_sweep', 'check_settings', 'run_command', 'main']
 
 # %% ../nbs/20_cli.ipynb #21d2f3c6
 def train_parser():
@@ -20,66 +21,95 @@ def train_parser():
 
 CKPT_DEFAULTS = {'img_size': ('network input size, pixels', "the checkpoint's"),
                  'batch_size': ('images per forward pass', "twice the checkpoint's largest training batch")}
+CHECKPOINT_HELP = 'a codseg checkpoint (best_model.pth or last.pth)'
+TTA_HELP = 'average horizontal flips at 3 scales (6 passes per image)'
 
 def _default_from_checkpoint(p: argparse.ArgumentParser):
-    "Make --img-size and --batch-size default to None (resolved from the checkpoint later), saying so in --help."
+    "Make --img-size and --batch-size default to None (resolved from the checkpoint later), as --help says."
     for a in p._actions:
         if a.dest in CKPT_DEFAULTS: a.default, a.help = None, '%s (default: %s)' % CKPT_DEFAULTS[a.dest]
 
 def evaluate_parser():
     "The argparse parser of `codseg evaluate`."
-    p = argparse.ArgumentParser(prog='codseg evaluate', description="Score a checkpoint on every test set under "
-                                "--dataset-path with the field's protocol (PySODMetrics at each mask's original size).")
-    p.add_argument('--checkpoint', required=True, help='a codseg checkpoint (best_model.pth or last.pth)')
-    p.add_argument('--output', help="folder for eval_<checkpoint>.csv and .json (default: the checkpoint's folder)")
-    p.add_argument('--tta', action='store_true', help='average horizontal flips at 3 scales (6 passes per image)')
-    p.add_argument('--save-predictions', metavar='DIR', help='write the scored maps as <image stem>.png (original size)')
-    add_args(p, ('dataset_path', 'img_size', 'batch_size', 'num_workers', 'include_noncam', 'skip_bad', 'device', 'amp'))
+    what = ("Score a checkpoint on every test set under --dataset-path with the field's protocol "
+            "(PySODMetrics at each mask's original size).")
+    p = argparse.ArgumentParser(prog='codseg evaluate', description=what)
+    p.add_argument('--checkpoint', required=True, help=CHECKPOINT_HELP)
+    p.add_argument('--output',
+                   help="folder for eval_<checkpoint>.csv and .json (default: the checkpoint's folder)")
+    p.add_argument('--tta', action='store_true', help=TTA_HELP)
+    p.add_argument('--save-predictions', metavar='DIR',
+                   help='write the scored maps as <image stem>.png (original size)')
+    add_args(p, ('dataset_path', 'img_size', 'batch_size', 'num_workers', 'include_noncam', 'skip_bad',
+                 'device', 'amp'))
     _default_from_checkpoint(p)
     return p
 
 def predict_parser():
     "The argparse parser of `codseg predict`."
-    p = argparse.ArgumentParser(prog='codseg predict', description="Write probability maps (PNG, 0-255, each image's own "
-                                'size) for an image or a folder of images; optionally binary masks and overlays.')
-    p.add_argument('--checkpoint', required=True, help='a codseg checkpoint (best_model.pth or last.pth)')
-    p.add_argument('--input', required=True, help='an image file, or a folder of images (not searched recursively)')
+    what = ("Write probability maps (PNG, 0-255, each image's own size) for an image or a folder of images; "
+            'optionally binary masks and overlays.')
+    p = argparse.ArgumentParser(prog='codseg predict', description=what)
+    p.add_argument('--checkpoint', required=True, help=CHECKPOINT_HELP)
+    p.add_argument('--input', required=True,
+                   help='an image file, or a folder of images (not searched recursively)')
     p.add_argument('--output', required=True, help='folder for <stem>.png maps (not the input folder)')
-    p.add_argument('--masks', action='store_true', help='also write binary masks (0/255, threshold 0.5) to OUTPUT/masks')
-    p.add_argument('--overlays', action='store_true', help='also write the images with the mask tinted to OUTPUT/overlays')
-    p.add_argument('--tta', action='store_true', help='average horizontal flips at 3 scales (6 passes per image)')
+    p.add_argument('--masks', action='store_true',
+                   help='also write binary masks (0/255, threshold 0.5) to OUTPUT/masks')
+    p.add_argument('--overlays', action='store_true',
+                   help='also write the images with the mask tinted to OUTPUT/overlays')
+    p.add_argument('--tta', action='store_true', help=TTA_HELP)
     add_args(p, ('img_size', 'batch_size', 'num_workers', 'skip_bad', 'device', 'amp'))
     _default_from_checkpoint(p)
     return p
 
 def find_lr_parser():
     "The argparse parser of `codseg find-lr`."
-    p = argparse.ArgumentParser(prog='codseg find-lr', description='LR range test: sweep the LR exponentially for a few '
-                                'hundred batches, suggest --lr (Stage 1) or --stage2-lr (Stage 2); the weights are not changed.')
-    p.add_argument('--stage', type=int, choices=(1, 2), default=2, help='the stage to test: 1 frozen backbone, 2 unfrozen (default: 2)')
+    what = ('LR range test: sweep the LR exponentially for a few hundred batches, suggest --lr (Stage 1) or '
+            '--stage2-lr (Stage 2); the weights are not changed.')
+    p = argparse.ArgumentParser(prog='codseg find-lr', description=what)
+    p.add_argument('--stage', type=int, choices=(1, 2), default=2,
+                   help='the stage to test: 1 frozen backbone, 2 unfrozen (default: 2)')
     p.add_argument('--start', type=float, default=1e-7, help='first LR of the sweep (default: 1e-7)')
     p.add_argument('--end', type=float, default=10.0, help='last LR of the sweep (default: 10)')
     p.add_argument('--steps', type=int, default=100, help='optimizer steps of the sweep (default: 100)')
     p.add_argument('--png', help='write the plot here (default: find_lr_stage<N>.png in --checkpoint-dir)')
     return add_args(p, DATA + MODEL + PLAN + TRAIN)
 
-# %% ../nbs/20_cli.ipynb #4e654c95
-class UsageError(ValueError):
-    "A setting that cannot work; the message names the flag and the fix (exit status 2)."
 
+# %% ../nbs/20_cli.ipynb #4e654c95
 RANGES = {  # field: (test, what it must be)
-    'img_size': (lambda v: v >= 32, 'at least 32 (pixels)'), 'num_workers': (lambda v: v >= 0, '0 or more'),
-    'val_fraction': (lambda v: 0 < v < 1, 'between 0 and 1 (exclusive)'), 'synthetic_n': (lambda v: v >= 4, 'at least 4'),
-    'synthetic_size': (lambda v: v >= 32, 'at least 32 (pixels)'), 'num_experts': (lambda v: v >= 1, 'at least 1'),
-    'top_k': (lambda v: v >= 1, 'at least 1'), 'weight_decay': (lambda v: v >= 0, '0 or more'),
-    'grad_clip': (lambda v: v >= 0, '0 (off) or more'), 'ema_decay': (lambda v: 0 <= v < 1, 'in [0, 1)'),
-    'aux_weight': (lambda v: v >= 0, '0 or more'), 'balance_weight': (lambda v: v >= 0, '0 or more'),
-    'stop_after': (lambda v: v >= 1, 'at least 1 (epochs)'), 'time_limit': (lambda v: v > 0, 'above 0 (hours)'),
-    'batch_size': (lambda v: v >= 1, 'at least 1'), 'device': (lambda v: re.fullmatch(r'auto|cpu|mps|cuda(:\d+)?', v),
-                                                                'auto, cpu, cuda or cuda:N'),
+    'img_size': (lambda v: v >= 32, 'at least 32 (pixels)'),
+    'num_workers': (lambda v: v >= 0, '0 or more'),
+    'val_fraction': (lambda v: 0 < v < 1, 'between 0 and 1 (exclusive)'),
+    'synthetic_n': (lambda v: v >= 4, 'at least 4'),
+    'synthetic_size': (lambda v: v >= 32, 'at least 32 (pixels)'),
+    'num_experts': (lambda v: v >= 1, 'at least 1'),
+    'top_k': (lambda v: v >= 1, 'at least 1'),
+    'weight_decay': (lambda v: v >= 0, '0 or more'),
+    'grad_clip': (lambda v: v >= 0, '0 (off) or more'),
+    'ema_decay': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'aux_weight': (lambda v: v >= 0, '0 or more'),
+    'balance_weight': (lambda v: v >= 0, '0 or more'),
+    'stop_after': (lambda v: v >= 1, 'at least 1 (epochs)'),
+    'time_limit': (lambda v: v > 0, 'above 0 (hours)'),
+    'batch_size': (lambda v: v >= 1, 'at least 1'),
+    'device': (lambda v: re.fullmatch(r'auto|cpu|mps|cuda(:\d+)?', v), 'auto, cpu, cuda or cuda:N'),
+    'panel_every': (lambda v: v >= 0, '0 (the first, each new best and the last epoch) or more'),
+    'logger': (lambda v: _loggers_ok(v), 'a comma list of csv, tensorboard, wandb'),
 }
 
+def _loggers_ok(v) -> bool:
+    try: return bool(parse_loggers(v))
+    except ValueError: return False
+
 def _flag(n: str) -> str: return '--' + n.replace('_', '-')
+
+def inside_input(flag: str, value, input_flag: str, src,
+                 why: str = 'codseg never writes into its inputs',  # what would go wrong
+                 fix: str = 'pass a folder outside it') -> str:
+    "The one refusal of an output `flag`=`value` inside the folder `src` of input `input_flag`."
+    return f'{flag} {value} is inside the input {input_flag} {src}; {why}: {fix}'
 
 def _inside(p, folder) -> bool:
     "Whether path `p` is `folder` or below it."
@@ -90,11 +120,12 @@ def _writable(flag: str, p):
     "Refuse output folder `p` when its nearest existing folder cannot be written."
     q = Path(p).expanduser().absolute()
     while not q.exists() and q != q.parent: q = q.parent
-    if q.exists() and not q.is_dir(): raise UsageError(f'{flag} {p}: {q} is a file, not a folder: pass a folder')
+    if q.exists() and not q.is_dir():
+        raise UsageError(f'{flag} {p}: {q} is a file, not a folder: pass a folder')
     if not os.access(q, os.W_OK | os.X_OK):
-        raise UsageError(f'{flag} {p}: {q} is not writable (read-only or not yours): pass a folder you can write to')
+        raise UsageError(f'{flag} {p}: {q} is not writable (read-only or not yours): {WRITE_FIX}')
 
-def _dataset(flag: str, v, cfg: Config) -> list:
+def _dataset(flag: str, v) -> list:
     "The folders dataset flag `flag`=`v` reads (the path given and the root found), or [] for synthetic."
     if v is None or v == 'synthetic': return []
     from codseg.layout import find_dataset_root
@@ -102,107 +133,109 @@ def _dataset(flag: str, v, cfg: Config) -> list:
     except ValueError as e: raise UsageError(str(e).replace('--dataset-path', flag)) from None
     return [p for p in (Path(v), root) if p.is_dir()]
 
-# %% ../nbs/20_cli.ipynb #7e3c562f
-OUTPUTS = ('checkpoint_dir', 'cache_dir', 'output', 'save_predictions', 'png', 'csv')  # flags naming something written
 
-def check_settings(ns: argparse.Namespace, command: str = 'train') -> Config:
-    "Check the parsed flags `ns` of `command` before anything heavy; the Config they give, or `UsageError`."
-    from codseg.schedule import PlanError, plan_settings, _check, make_plan
-    cfg, given = from_args(ns), vars(ns)
+# %% ../nbs/20_cli.ipynb #7e3c562f
+OUTPUTS = ('checkpoint_dir', 'cache_dir', 'output', 'save_predictions', 'png', 'csv')  # what is written
+
+def check_sweep(start: float, end: float, steps: int):
+    "Refuse a find-lr sweep that cannot run: `0 < start < end` and at least 10 steps."
+    if not 0 < start < end:
+        raise UsageError(f'--start {start} and --end {end}: the sweep needs 0 < --start < --end')
+    if steps < 10: raise UsageError(f'--steps {steps} must be at least 10')
+
+def _check_values(cfg: Config, given: dict, command: str):
+    "Value ranges, the LR plan's own checks and the find-lr sweep."
+    from codseg.schedule import PlanError, check_plan, make_plan
     for n, (ok, what) in RANGES.items():
-        if given.get(n) is not None and not ok(given[n]): raise UsageError(f'{_flag(n)} {given[n]} must be {what}')
+        if given.get(n) is not None and not ok(given[n]):
+            raise UsageError(f'{_flag(n)} {given[n]} must be {what}')
     if 'top_k' in given and cfg.top_k > cfg.num_experts:
         raise UsageError(f'--top-k {cfg.top_k} is above --num-experts {cfg.num_experts}: lower --top-k')
     if 'lr' in given:  # the plan's own checks (n_train and world size are checked where they are known)
         try:
-            _check(plan_settings(cfg), 1, 1)
-            if command == 'train' and not cfg.resume_from: make_plan(cfg, 10 ** 6)  # warmup, floor: any training size
+            check_plan(cfg)
+            if command == 'train' and not cfg.resume_from: make_plan(cfg, 10 ** 6)  # warmup, floor: any size
         except PlanError as e: raise UsageError(str(e)) from None
+    if 'start' in given: check_sweep(given['start'], given['end'], given['steps'])
+
+def _check_files(given: dict, command: str):
+    "The files that must exist, and the dataset flag that must be given."
     for n in ('pretrained_path', 'checkpoint') + (('resume_from',) if command != 'lr-preview' else ()):
         v = given.get(n)
         if v and v != 'auto' and not Path(v).expanduser().is_file():
-            raise UsageError(f"{_flag(n)} {v}: no such file" + ('' if n == 'pretrained_path' else
-                             '; pass a codseg last.pth or best_model.pth' + (', or auto' if n == 'resume_from' else '')))
-    if 'start' in given and not 0 < ns.start < ns.end:
-        raise UsageError(f'--start {ns.start} and --end {ns.end}: the sweep needs 0 < --start < --end')
-    if given.get('steps', 10) < 10: raise UsageError(f"--steps {ns.steps} must be at least 10")
+            fix = {'pretrained_path': '', 'checkpoint': f'; {CHECKPOINT_FIX}',
+                   'resume_from': f'; {CHECKPOINT_FIX}, or auto'}[n]
+            raise UsageError(f'{_flag(n)} {v}: no such file{fix}')
     if command in ('train', 'evaluate', 'find-lr') and not given.get('dataset_path'):
-        raise UsageError(f"--dataset-path is required: a dataset folder, a /kaggle/input mount, or synthetic")
-    inputs = []
+        raise UsageError('--dataset-path is required: a dataset folder, a /kaggle/input mount, or synthetic')
+
+def _inputs(given: dict, command: str) -> list:
+    "(flag name, folder) of each folder the command reads."
+    out = []
     if command != 'lr-preview' or given.get('train_size') is None:
-        inputs += [(f, p) for f in ('dataset_path', 'val_path') for p in _dataset(_flag(f), given.get(f), cfg)]
+        out += [(f, p) for f in ('dataset_path', 'val_path') for p in _dataset(_flag(f), given.get(f))]
     if given.get('input'):
         p = Path(given['input'])
-        if not p.exists(): raise UsageError(f"--input {p}: no such file or folder: pass an image or a folder of images")
-        inputs.append(('input', p if p.is_dir() else p.parent))
+        if not p.exists():
+            raise UsageError(f'--input {p}: no such file or folder: pass an image or a folder of images')
+        out.append(('input', p if p.is_dir() else p.parent))
+    return out
+
+def _check_outputs(given: dict, command: str, inputs: list):
+    "Refuse outputs inside an input, or in a folder that cannot be written."
     outs = [n for n in OUTPUTS if given.get(n) and (n != 'checkpoint_dir' or command in ('train', 'find-lr'))]
     for n in outs:
         for f, src in inputs:
-            if _inside(given[n], src):
-                raise UsageError(f'{_flag(n)} {given[n]} is inside the input {_flag(f)} {src}; codseg never writes into '
-                                 'its inputs: pass a folder outside it')
+            if _inside(given[n], src): raise UsageError(inside_input(_flag(n), given[n], _flag(f), src))
         is_file = n in ('png', 'csv')
         _writable(_flag(n), Path(given[n]).parent if is_file else given[n])
-    if command == 'evaluate' and not given.get('output') and given.get('checkpoint'):  # results go beside the checkpoint
+    if command == 'evaluate' and not given.get('output') and given.get('checkpoint'):  # results go beside it
         for f, src in inputs:
             if _inside(Path(given['checkpoint']).parent, src):
-                raise UsageError(f"--checkpoint {given['checkpoint']} is inside the input {_flag(f)} {src}, and the results "
-                                 'would be written beside it: pass --output DIR outside the dataset')
+                raise UsageError(inside_input('--checkpoint', given['checkpoint'], _flag(f), src,
+                                              'the results would be written beside it',
+                                              'pass --output DIR outside the dataset'))
+
+def check_settings(ns: argparse.Namespace, command: str = 'train') -> Config:
+    "Check the parsed flags `ns` of `command` before anything heavy; the Config they give, or `UsageError`."
+    cfg, given = from_args(ns), vars(ns)
+    _check_values(cfg, given, command)
+    _check_files(given, command)
+    _check_outputs(given, command, _inputs(given, command))
     return cfg
 
-# %% ../nbs/20_cli.ipynb #ae257f9c
-DISK = {errno.ENOSPC: 'no space left on the disk: free some space or pass a folder on another disk',
-        errno.EROFS: 'the file system is read-only: pass a folder you can write to',
-        errno.EACCES: 'permission denied: pass a folder you can write to',
-        errno.EPERM: 'permission denied: pass a folder you can write to',
-        getattr(errno, 'EDQUOT', -1): 'the disk quota is exceeded: free some space or pass a folder on another disk'}
-
-def one_line(msg: str) -> str:
-    "`msg` without PyTorch's unpickling advice, on one line."
-    msg = re.sub(r'\s*\((\w+Error|\w+Exception): [^;]*?weights_only.*?\)(?=;|$)', '', msg, flags=re.S)
-    if 'weights_only' in msg: msg = msg.split('weights_only')[0].rstrip(' (:;,.') + ' (not a readable checkpoint)'
-    if 'Error(s) in loading state_dict' in msg:  # not PyTorch's list of every missing and unexpected key
-        msg = re.sub(r'Error\(s\) in loading state_dict.*?(\.\.\.\)|$)',  # up to the end of a quoted excerpt
-                     lambda m: 'missing or unexpected weights' + (')' if m.group(1) else ''), msg, flags=re.S)
-    return ' '.join(msg.split())
-
-def describe(e: BaseException) -> tuple[str, int]:
-    "(one-line message, exit status) for exception `e` raised by a command."
-    from codseg.schedule import PlanError
-    if isinstance(e, KeyboardInterrupt): return 'interrupted', 130
-    if isinstance(e, OSError) and e.errno in DISK:
-        return f"{e.filename or 'writing'}: {DISK[e.errno]}", 1
-    if isinstance(e, RuntimeError) and re.search(r'inline_container|unexpected pos|file write failed', str(e)):
-        return 'writing a checkpoint failed, most likely the disk is full (earlier checkpoints are intact): free space', 1
-    msg = one_line(str(e))
-    if isinstance(e, PlanError) and 'nothing left to train' in msg:
-        return 'already complete: ' + msg.replace('nothing left to train; ', ''), 0
-    if isinstance(e, (UsageError, PlanError)): return msg, 2
-    if isinstance(e, (ValueError, OSError, RuntimeError)) and msg: return msg, 1
-    return f'{type(e).__name__}: {msg} (an unexpected error: rerun with --debug for the traceback and report it)', 1
 
 # %% ../nbs/20_cli.ipynb #bbd78e4e
 COMMANDS = {  # name: (parser or None when the command parses itself cheaply, runner, one-line help)
-    'train': ('codseg.cli:train_parser', 'codseg.train:train_cli', 'train a model in two stages (frozen backbone, then unfrozen)'),
-    'lr-preview': ('codseg.preview:_parser', 'codseg.preview:lr_preview_cli', 'print, plot and export the learning-rate plan of a run'),
+    'train': ('codseg.cli:train_parser', 'codseg.train:train_cli',
+              'train a model in two stages (frozen backbone, then unfrozen)'),
+    'lr-preview': ('codseg.preview:_parser', 'codseg.preview:lr_preview_cli',
+                   'print, plot and export the learning-rate plan of a run'),
     'data-check': (None, 'codseg.layout:data_check_cli', 'show what a dataset path holds, without training'),
-    'make-synthetic': (None, 'codseg.synthetic:make_synthetic_cli', 'write the synthetic camouflage dataset (COD10K-v3 layout)'),
-    'evaluate': ('codseg.cli:evaluate_parser', 'codseg.evaluate:evaluate_cli', "score a checkpoint on every test set with the field's metrics"),
-    'predict': ('codseg.cli:predict_parser', 'codseg.evaluate:predict_cli', 'write probability maps, masks and overlays for images'),
-    'find-lr': ('codseg.cli:find_lr_parser', 'codseg.findlr:find_lr_cli', 'LR range test for a stage, with a suggestion'),
+    'make-synthetic': (None, 'codseg.synthetic:make_synthetic_cli',
+                       'write the synthetic camouflage dataset (COD10K-v3 layout)'),
+    'evaluate': ('codseg.cli:evaluate_parser', 'codseg.evaluate:evaluate_cli',
+                 "score a checkpoint on every test set with the field's metrics"),
+    'predict': ('codseg.cli:predict_parser', 'codseg.evaluate:predict_cli',
+                'write probability maps, masks and overlays for images'),
+    'find-lr': ('codseg.cli:find_lr_parser', 'codseg.findlr:find_lr_cli',
+                'LR range test for a stage, with a suggestion'),
 }
 
 def _load(spec: str):
+    "The function `spec` ('module:function') names, imported now."
     mod, fn = spec.split(':')
     return getattr(importlib.import_module(mod), fn)
 
 def _usage() -> str:
+    "`codseg --help`: the commands and their one-line help."
     w = max(map(len, COMMANDS))
-    return ('usage: codseg [--debug] <command> [flags]   (codseg <command> --help for its flags; --debug: tracebacks)'
+    return ('usage: codseg [--debug] <command> [flags]   '
+            '(codseg <command> --help for its flags; --debug: tracebacks)'
             '\n\ncommands:\n' + '\n'.join(f'  {k:<{w}}  {v[2]}' for k, v in COMMANDS.items()))
 
 def _flag_error(p: argparse.ArgumentParser, msg: str):
-    "argparse's error, in one line (the nearest known flag suggested) instead of the whole usage; exit status 2."
+    "argparse's error in one line, the nearest known flag suggested (not the whole usage); exit status 2."
     import difflib
     flags = [o for a in p._actions for o in a.option_strings]
     words = [w for w in msg.split() if w.startswith('--')]
@@ -210,21 +243,20 @@ def _flag_error(p: argparse.ArgumentParser, msg: str):
     hint = f'did you mean {near[0]}? ' if near and 'unrecognized' in msg else ''
     p.exit(2, f'{p.prog}: {msg}: {hint}{p.prog} --help lists the flags\n')
 
+
 def run_command(name: str, argv: list, debug: bool = False) -> int:
     "Parse and check `argv` for command `name`, run it; print one line on an error; the exit status."
     parser, runner, _ = COMMANDS[name]
-    import warnings  # torch's note on an unusual pickle protocol speaks of weights_only; the error line says enough
+    import warnings  # torch's note on an odd pickle protocol names weights_only; the error line says enough
     warnings.filterwarnings('ignore', module=r'torch\._weights_only_unpickler')
-    error, argparse.ArgumentParser.error = argparse.ArgumentParser.error, _flag_error  # every parser, while it runs
+    error = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = _flag_error  # every parser's errors, while the command runs
     try:
         if parser: check_settings(_load(parser)().parse_args(argv), name)
         return _load(runner)(argv) or 0
-    except SystemExit as e: return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException as e:
-        msg, rc = describe(e)
-        if debug: traceback.print_exc()
-        print(f'codseg {name}: {msg}', file=sys.stdout if rc == 0 else sys.stderr)
-        return rc
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException as e: return report(name, e, debug)
     finally: argparse.ArgumentParser.error = error
 
 def main(argv=None):
@@ -232,10 +264,14 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = '--debug' in argv
     argv = [a for a in argv if a != '--debug']
-    if not argv or argv[0] in ('-h', '--help'): print(_usage()); return 0
+    if not argv or argv[0] in ('-h', '--help'):
+        print(_usage())
+        return 0
     if argv[0] in ('-V', '--version'):
         from codseg import __version__
-        print(__version__); return 0
+        print(__version__)
+        return 0
     if argv[0] not in COMMANDS:
-        print(f"codseg: unknown command '{argv[0]}'\n\n{_usage()}", file=sys.stderr); return 2
+        print(f"codseg: unknown command '{argv[0]}'\n\n{_usage()}", file=sys.stderr)
+        return 2
     return run_command(argv[0], argv[1:], debug)

@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Literal, Optional
 
 # %% auto #0
-__all__ = ['Scheduler', 'Loss', 'Precision', 'DATA', 'MODEL', 'PLAN', 'TRAIN', 'Config', 'resolve', 'field_help', 'add_args',
-           'from_args', 'to_argv', 'to_dict', 'from_dict', 'save_config']
+__all__ = ['Scheduler', 'Loss', 'Monitor', 'Precision', 'DATA', 'MODEL', 'PLAN', 'TRACK', 'LOGGERS', 'TRAIN', 'Config', 'resolve',
+           'field_help', 'parse_loggers', 'add_args', 'from_args', 'to_argv', 'to_dict', 'from_dict', 'save_config']
 
 # %% ../nbs/00_config.ipynb #668c46e8
 Scheduler = Literal['onecycle', 'cosine', 'cosine_restart', 'none']
 Loss = Literal['structure', 'dice', 'bce']
+Monitor = Literal['iou', 'smeasure', 'mae', 'wfmeasure']
 Precision = Literal['auto', 'bf16', 'fp16', 'fp32']
 
 @dataclass
@@ -42,7 +43,7 @@ class Config:
     num_experts: int = 7  # experts in the mixture-of-experts decoder block
     top_k: int = 2  # experts each sample is routed to
     pretrained: bool = True  # ImageNet weights for the backbone from the timm hub (--no-pretrained: random init)
-    pretrained_path: Optional[str] = None  # local backbone weights file, for offline sessions
+    pretrained_path: Optional[str] = None  # local backbone weights file for offline sessions, or auto: a Kaggle Model in /kaggle/input
     grad_checkpointing: bool = False  # recompute backbone activations in backward to save memory
     # learning-rate plan
     epochs: int = 120  # total epochs, both stages
@@ -81,6 +82,10 @@ class Config:
     channels_last: bool = False  # channels_last memory format on CUDA
     compile: bool = False  # torch.compile the model
     dry_run: bool = False  # print the resolved config and the LR plan, then exit
+    # tracking
+    logger: str = 'csv'  # comma list of csv (history.csv and curves.png, always written), tensorboard, wandb
+    panel_every: int = 0  # also save the prediction panel every N epochs (0: only the first, each new best, the last)
+    monitor: Monitor = 'iou'  # validation measure that picks best_model.pth
 
 # %% ../nbs/00_config.ipynb #63f36cd3
 def resolve(cfg: Config) -> Config:
@@ -109,6 +114,16 @@ MODEL = ('backbone', 'num_experts', 'top_k', 'pretrained', 'pretrained_path', 'g
 PLAN = ('epochs', 'stage1_epochs', 'batch_size', 'stage2_batch_size', 'accumulation_steps', 'lr', 'stage2_lr',
         'scheduler', 'stage1_scheduler', 'min_lr', 'warmup_epochs', 't0', 't_mult', 'pct_start',
         'backbone_lr_mult', 'skip_stage1')
+TRACK = ('logger', 'panel_every', 'monitor')
+LOGGERS = ('csv', 'tensorboard', 'wandb')  # the names --logger takes
+
+def parse_loggers(spec: str) -> tuple:
+    "The logger names in comma list `spec` (--logger), checked."
+    names = tuple(dict.fromkeys(s.strip().lower() for s in (spec or '').split(',') if s.strip()))
+    if bad := [n for n in names if n not in LOGGERS]:
+        raise ValueError(f"--logger {spec}: unknown logger {', '.join(bad)}; give a comma list of {', '.join(LOGGERS)}")
+    return names or ('csv',)
+
 TRAIN = tuple(f.name for f in fields(Config) if f.name not in DATA + MODEL + PLAN)
 
 def _base_type(tp):

@@ -92,7 +92,7 @@ class SegDataset(Dataset):
         "Image and mask of pair `i` as small as allowed (from the cache if there), original (H, W)."
         if self.entries[i] is not None:
             try: return read_entry(self.entries[i])
-            except (OSError, ValueError): self.entries[i] = None  # a damaged entry: the original instead
+            except (OSError, ValueError, EOFError): self.entries[i] = None  # a damaged entry: the original instead
         return self.read(i, small=True)
 
     def _load_good(self, index: int, fetch=None) -> tuple:

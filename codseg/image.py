@@ -4,9 +4,9 @@
 
 # %% ../nbs/00a_image.ipynb #372f096b
 from __future__ import annotations
-import io, os, zlib
+import functools, io, os, zlib
 from concurrent.futures import ThreadPoolExecutor
-import cv2, numpy as np
+import numpy as np
 from PIL import Image
 
 # %% auto #0
@@ -21,8 +21,13 @@ class DataError(ValueError):
 
 FIX = 'Fix: replace or re-save the file, remove the pair, or pass --skip-bad to leave such pairs out.'
 
-if 'OPENCV_LOG_LEVEL' not in os.environ:  # codseg names a bad file itself; OpenCV's own warnings only confuse
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+@functools.cache
+def _cv2():
+    "OpenCV, imported on first use (so `--help` and file listing import none of it), its own warnings off."
+    import cv2
+    if 'OPENCV_LOG_LEVEL' not in os.environ:  # codseg names a bad file itself; OpenCV's own warnings only confuse
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    return cv2
 
 # %% ../nbs/00a_image.ipynb #bf4569d3
 _PNG_SIG, _PNG_END = b'\x89PNG\r\n\x1a\n', b'\0\0\0\0IEND\xaeB`\x82'  # a PNG's first 8 and last 12 bytes
@@ -83,9 +88,8 @@ def file_damage(path) -> str | None:
     return damage(np.fromfile(path, np.uint8), crc=False)
 
 # %% ../nbs/00a_image.ipynb #13e60732
-_RGB = getattr(cv2, 'IMREAD_COLOR_RGB', None)  # OpenCV >= 4.10 decodes straight to RGB
-_REDUCED = {1: 0, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
-            8: cv2.IMREAD_REDUCED_GRAYSCALE_8}  # the scale bits only
+_REDUCED = {1: None, 2: 'IMREAD_REDUCED_GRAYSCALE_2', 4: 'IMREAD_REDUCED_GRAYSCALE_4',
+            8: 'IMREAD_REDUCED_GRAYSCALE_8'}  # the scale bits only, by OpenCV flag name
 
 def read_bytes(path) -> np.ndarray:
     "The bytes of file `path` as uint8; DataError naming it when it cannot be read or is empty."
@@ -97,7 +101,7 @@ def read_bytes(path) -> np.ndarray:
 def _decode(buf: np.ndarray, flags: int, path) -> np.ndarray:
     "`buf` decoded with `flags`; DataError naming file `path` when it is damaged or cannot be decoded."
     if why := damage(buf): raise DataError(f'damaged image {path} ({why}). {FIX}')
-    a = cv2.imdecode(buf, flags)
+    a = _cv2().imdecode(buf, flags)
     if a is None: raise DataError(f'unreadable image {path} (not an image, or damaged). {FIX}')
     return a
 
@@ -111,8 +115,10 @@ def jpeg_size(buf: np.ndarray) -> tuple[int, int] | None:
 
 def decode_image(buf: np.ndarray, path, reduce: int = 1) -> np.ndarray:
     "Image bytes `buf` (of file `path`) as RGB uint8 HxWx3; a JPEG at 1/`reduce` of its size (1, 2, 4 or 8)."
-    flags = cv2.IMREAD_IGNORE_ORIENTATION | (_REDUCED[reduce] if is_jpeg(buf) else 0)
-    if _RGB is not None: return _decode(buf, flags | _RGB, path)
+    cv2 = _cv2()
+    flags = cv2.IMREAD_IGNORE_ORIENTATION | (getattr(cv2, _REDUCED[reduce]) if reduce > 1 and is_jpeg(buf) else 0)
+    if (rgb := getattr(cv2, 'IMREAD_COLOR_RGB', None)) is not None:  # OpenCV >= 4.10 decodes straight to RGB
+        return _decode(buf, flags | rgb, path)
     return cv2.cvtColor(_decode(buf, flags | cv2.IMREAD_COLOR, path), cv2.COLOR_BGR2RGB)
 
 def read_image(path, reduce: int = 1) -> np.ndarray:
@@ -121,6 +127,7 @@ def read_image(path, reduce: int = 1) -> np.ndarray:
 
 def read_mask(path) -> np.ndarray:
     "Mask file `path` as uint8 HxW in {0, 1} (object where > 127)."
+    cv2 = _cv2()
     m = _decode(read_bytes(path), cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION, path)
     if m.ndim == 3:
         rgb = m[..., :3]
@@ -166,7 +173,7 @@ def reduce_factor(h: int, w: int, k: float) -> int:
 
 def shrink_mask(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     "`mask` ({0,1} uint8) shrunk to `hw` = (h, w): area average, then object where at least half is object."
-    (H, W), (h, w) = mask.shape, hw
+    (H, W), (h, w), cv2 = mask.shape, hw, _cv2()
     if (H, W) == (h, w): return mask
     f = -(-H // h)
     if -(-W // w) == f and -(-H // f) == h and -(-W // f) == w:  # 1/f of a reduced JPEG: padded, fast

@@ -266,15 +266,18 @@ class MetricsCB(Callback):
         self.loss_sum = learn.loss_sum = s.to(learn.device, torch.float64)  # summed on the device: no read per batch
         self.carry = None
     def after_loss(self, learn):
-        if not learn.training: return self.meter.update(learn.preds['logits'].float(), learn.batch['mask'])
+        if not learn.training:  # the validation loss, weighted by batch size, summed on the device
+            n = learn.loss.new_tensor(len(learn.batch['mask']), dtype=torch.float64)
+            self.val_sum = self.val_sum + torch.stack([learn.loss.detach().double() * n, n])
+            return self.meter.update(learn.preds['logits'].float(), learn.batch['mask'])
         l = learn.loss.detach().double(); ok = torch.isfinite(l)
         self.loss_sum += torch.stack([torch.where(ok, l, 0.0), ok.double(), (~ok).double()])
-    def before_validate(self, learn): self.meter.reset()
+    def before_validate(self, learn): self.meter.reset(); self.val_sum = torch.zeros(2, dtype=torch.float64, device=learn.device)
     def after_validate(self, learn):
         s = all_reduce_sum(self.loss_sum.clone()).tolist()
-        self.meter.sums = all_reduce_sum(self.meter.sums)
+        self.meter.sums, v = all_reduce_sum(self.meter.sums), all_reduce_sum(self.val_sum).tolist()
         learn.metrics = {'loss': s[0] / s[1] if s[1] else math.nan, 'nonfinite': s[2] / max(s[1] + s[2], 1),
-                         **self.meter.compute()}
+                         **self.meter.compute(), 'val_loss': v[0] / v[1] if v[1] else math.nan}
 
 # %% ../nbs/09_learner.ipynb #90e9e814
 def _interactive():

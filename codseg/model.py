@@ -4,15 +4,16 @@
 
 # %% ../nbs/04_model.ipynb #37807302
 from __future__ import annotations
-import math
+import math, os, re
 from functools import lru_cache
 from pathlib import Path
 import timm, torch
 import torch.nn as nn, torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['GN_GROUPS', 'conv_gn', 'upsample_to', 'create_backbone', 'expert_views', 'phase_lines', 'dilation_canvas',
-           'CueExperts', 'Router', 'CueMoE', 'Fuse', 'Head', 'backbone_stages', 'stage_params', 'CODNet', 'build_model',
+__all__ = ['GN_GROUPS', 'KAGGLE_INPUT', 'WEIGHT_EXTS', 'conv_gn', 'upsample_to', 'names_model', 'weight_files',
+           'find_kaggle_weights', 'create_backbone', 'expert_views', 'phase_lines', 'dilation_canvas', 'CueExperts',
+           'Router', 'CueMoE', 'Fuse', 'Head', 'backbone_stages', 'stage_params', 'CODNet', 'build_model',
            'set_grad_checkpointing', 'n_backbone_stages', 'unfreeze_backbone', 'freeze_backbone', 'param_groups']
 
 # %% ../nbs/04_model.ipynb #9c127c95
@@ -26,6 +27,56 @@ def upsample_to(x: torch.Tensor, ref) -> torch.Tensor:
     "Bilinearly resize `x` to the spatial size of tensor `ref` (or to an (H, W) size)."
     size = ref.shape[-2:] if torch.is_tensor(ref) else tuple(ref)
     return x if x.shape[-2:] == size else F.interpolate(x, size=size, mode='bilinear', align_corners=False)
+
+# %% ../nbs/04_model.ipynb #d171a892
+KAGGLE_INPUT = '/kaggle/input'  # where Kaggle mounts datasets and models (read-only)
+WEIGHT_EXTS = ('.safetensors', '.bin', '.pth', '.pt')
+_PREFERRED = ('model.safetensors', 'pytorch_model.bin')
+
+def _norm(s: str) -> str: return re.sub(r'[^a-z0-9]+', '_', s.lower()).strip('_')
+
+def names_model(folder: str, name: str) -> bool:
+    "Whether folder name `folder` names timm model `name`, with or without a pretrained tag after it."
+    f, n = _norm(folder), _norm(name)
+    if f != n and not f.startswith(n + '_'): return False
+    longer = [_norm(m) for m in timm.list_models(name + '*') if len(_norm(m)) > len(n)]
+    return not any(f == m or f.startswith(m + '_') for m in longer)
+
+def _fits(parts: tuple, name: str) -> bool:
+    "Whether a folder in `parts`, or a (model, variation) pair of them, names `name`."
+    return (any(names_model(p, name) for p in parts) or
+            any(names_model(f'{a}_{b}', name) for i, a in enumerate(parts) for b in parts[i + 1:]))
+
+def _rank(path: Path) -> tuple:
+    "Sort key: the preferred file names first, then the newest version folder."
+    version = int(path.parent.name) if path.parent.name.isdigit() else -1
+    return (_PREFERRED.index(path.name) if path.name in _PREFERRED else len(_PREFERRED), -version, len(path.parts))
+
+def weight_files(root, depth: int = 8) -> list:
+    "Weights files (by extension) at most `depth` folders under `root`, hidden folders skipped."
+    root, out = Path(root), []
+    for d, dirs, files in os.walk(root):
+        rel = Path(d).relative_to(root).parts
+        dirs[:] = [x for x in dirs if not x.startswith('.')] if len(rel) < depth else []
+        out += [Path(d)/f for f in files if f.endswith(WEIGHT_EXTS)]
+    return out
+
+def find_kaggle_weights(name: str, root=None, say=print) -> Path:
+    "The weights file of timm model `name` in the Kaggle Models under `root` (default `KAGGLE_INPUT`); says which."
+    root = Path(root or KAGGLE_INPUT)
+    files = weight_files(root) if root.is_dir() else []
+    hits = sorted((f for f in files if _fits(f.relative_to(root).parts[:-1], name)), key=_rank)
+    if hits:
+        more = f' ({len(hits) - 1} other candidate(s): {", ".join(map(str, hits[1:4]))})' if len(hits) > 1 else ''
+        say(f"--pretrained-path auto: weights of '{name}' from {hits[0]}{more}")
+        return hits[0]
+    seen = ', '.join(str(f.relative_to(root)) for f in sorted(files)[:5]) or 'none'
+    where = root if root.is_dir() else f'{root} (no such folder: not a Kaggle session?)'
+    raise FileNotFoundError(
+        f"--pretrained-path auto: no weights of backbone '{name}' under {where}: looked for {', '.join(WEIGHT_EXTS)} files "
+        f"in folders named like {name} (e.g. models/timm/{name.split('_')[0]}/pytorch/{name}/1/model.safetensors); "
+        f"weights files seen: {seen}. Attach the timm model (Kaggle: Add Input > Models), or pass --pretrained-path FILE, "
+        f"or --no-pretrained.")
 
 # %% ../nbs/04_model.ipynb #1f9e861a
 def _unknown_backbone(name: str) -> ValueError:
@@ -55,9 +106,11 @@ def _backbone_from_file(name: str, path: Path) -> nn.Module:
                            f"as a codseg backbone: {str(e)[:300]}). Use the file of the same timm model.") from e
     return net
 
-def create_backbone(name: str, pretrained: bool, pretrained_path=None) -> nn.Module:
-    "A timm `features_only` backbone: weights from `pretrained_path` if given, else the hub if `pretrained`."
+def create_backbone(name: str, pretrained: bool, pretrained_path=None, kaggle_input=None) -> nn.Module:
+    "A timm `features_only` backbone: weights from `pretrained_path` if given ('auto': Kaggle Models), else the hub if `pretrained`."
     if not timm.is_model(name): raise _unknown_backbone(name)
+    if pretrained_path == 'auto':  # without `pretrained` (a resumed run) the weights come from the checkpoint
+        pretrained_path = find_kaggle_weights(name, kaggle_input) if pretrained else None
     if pretrained_path: return _backbone_from_file(name, Path(pretrained_path))
     if not pretrained: return timm.create_model(name, features_only=True, pretrained=False)
     try: return timm.create_model(name, features_only=True, pretrained=True)

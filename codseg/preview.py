@@ -8,8 +8,10 @@ import argparse, sys, typing
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
+from .errors import report
 from .config import Config, add_args, from_args
-from .schedule import CURVES, Plan, PlanError, Row, make_plan, resume_plan, cycle_starts, key_steps, fmt_lr
+from .schedule import (CURVES, Plan, PlanError, Row, cycle_starts, fmt_lr, key_steps, make_plan,
+                             resume_plan)
 
 # %% auto #0
 __all__ = ['CSV_COLUMNS', 'WIDGET_FIELDS', 'train_count', 'write_csv', 'plot_plan', 'read_resume', 'preview_plan',
@@ -20,11 +22,10 @@ def train_count(cfg: Config, train_size: int | None) -> int:
     "Training items: `train_size` when given, else counted under `cfg.dataset_path` (no images are read)."
     if train_size is not None: return train_size
     if not cfg.dataset_path:
-        raise PlanError("give --train-size N (COD10K's camouflaged training set: 3040) or --dataset-path DIR to count")
-    try: from codseg.layout import train_size
-    except ImportError: raise PlanError('this codseg cannot count --dataset-path (codseg.layout is missing): '
-                                        'give --train-size N') from None
-    return train_size(cfg)
+        raise PlanError("give --train-size N (COD10K's camouflaged training set: 3040) "
+                        'or --dataset-path DIR to count')
+    from codseg.layout import train_size as count  # lazily: lr-preview with --train-size reads no dataset code
+    return count(cfg)
 
 # %% ../nbs/08_preview.ipynb #3a27413b
 CSV_COLUMNS = ','.join(Row._fields)
@@ -40,7 +41,7 @@ def write_csv(plan: Plan, path) -> Path:
 
 # %% ../nbs/08_preview.ipynb #6aedc934
 def plot_plan(plan: Plan, ax=None, log: bool = False):
-    "Draw both groups' LR of `plan` over epochs on `ax` (a new figure if None), its stages, warmup and restarts marked."
+    "Draw both groups' LR of `plan` over epochs on `ax` (None: a new figure), marking stages and restarts."
     if ax is None:
         import matplotlib.pyplot as plt
         ax = plt.subplots(figsize=(8, 3.2))[1]
@@ -62,7 +63,8 @@ def _title(plan: Plan) -> str:
     "The plot's title: the plan's stages and their curves, a re-plan's origin, the items and steps."
     stages = ', '.join(f'Stage {g.stage} {g.kind}' for g in plan.segments)
     replan = f' (re-planned from Epoch {plan.origin + 1})' if plan.origin else ''
-    return f'{stages}{replan}: {plan.n_train} items, {plan.end_step - plan.first_step(plan.start_epoch)} steps'
+    steps = plan.end_step - plan.first_step(plan.start_epoch)
+    return f'{stages}{replan}: {plan.n_train} items, {steps} steps'
 
 def _xlim(plan: Plan) -> tuple:
     "The epochs shown: the plan's; a re-plan's start 3% of the span before its origin, so its marker shows."
@@ -71,7 +73,7 @@ def _xlim(plan: Plan) -> tuple:
     return left - 0.03 * (plan.epochs - left), plan.epochs
 
 def _thin(plan: Plan, rows: list, most: int = 4000) -> list:
-    "About `most` of `rows` for drawing, keeping the key steps and the step before each (the jumps stay sharp)."
+    "About `most` of `rows` for drawing, keeping each key step and the one before (the jumps stay sharp)."
     k = -(-len(rows) // most)
     if k <= 1: return rows
     a = plan.first_step(plan.start_epoch)
@@ -81,27 +83,33 @@ def _thin(plan: Plan, rows: list, most: int = 4000) -> list:
 def _marks(plan: Plan, ax):
     "Mark the Stage-2 start, the warmup, the restarts and a re-plan's origin on `ax`."
     if plan.start_epoch < plan.stage2_start < plan.epochs:
-        ax.axvline(plan.stage2_start, color='k', ls='--', lw=.8, label=f'Stage 2 (Epoch {plan.stage2_start + 1})')
+        label = f'Stage 2 (Epoch {plan.stage2_start + 1})'
+        ax.axvline(plan.stage2_start, color='k', ls='--', lw=.8, label=label)
     for g in plan.segments:
-        if g.warmup: ax.axvspan(g.start, g.start + g.warmup / g.steps, color='tab:orange', alpha=.15, label='warmup')
+        if g.warmup:
+            ax.axvspan(g.start, g.start + g.warmup / g.steps, color='tab:orange', alpha=.15, label='warmup')
     for i, s in enumerate(cycle_starts(plan)):
         e, k = plan.epoch_of(s)
-        ax.axvline(e + k / plan.steps_per_epoch(e), color='gray', ls=':', lw=.9, label='restart' if i == 0 else None)
+        x = e + k / plan.steps_per_epoch(e)
+        ax.axvline(x, color='gray', ls=':', lw=.9, label='restart' if i == 0 else None)
     if plan.origin:
         ax.axvline(plan.origin, color='tab:red', ls='-.', lw=1.4, label=f're-plan (Epoch {plan.origin + 1})')
 
 # %% ../nbs/08_preview.ipynb #74a874a1
 def _parser() -> argparse.ArgumentParser:
     "The lr-preview flags: every train flag, plus the preview's own."
-    p = argparse.ArgumentParser(prog='codseg lr-preview', description='Print, plot and export the LR plan of a '
-                                '`codseg train` command (same flags); loads no model and no images.')
+    what = ('Print, plot and export the LR plan of a `codseg train` command (same flags); loads no model and '
+            'no images.')
+    p = argparse.ArgumentParser(prog='codseg lr-preview', description=what)
     add_args(p)
     g = p.add_argument_group('preview')
-    g.add_argument('--train-size', type=int, metavar='N', help="training items (COD10K camouflaged train: 3040); "
+    g.add_argument('--train-size', type=int, metavar='N',
+                   help='training items (COD10K camouflaged train: 3040); '
                    'default: counted under --dataset-path')
     g.add_argument('--world-size', type=int, default=1, metavar='W', help='processes under DDP (default: 1)')
-    g.add_argument('--resume-epoch', type=int, metavar='E', help='show the re-plan of a resume from a checkpoint '
-                   'that finished E epochs, with these (changed) settings')
+    g.add_argument('--resume-epoch', type=int, metavar='E',
+                   help='show the re-plan of a resume from a checkpoint that finished E epochs, with these '
+                   '(changed) settings')
     g.add_argument('--png', metavar='FILE', help='write a plot of both groups over epochs')
     g.add_argument('--csv', metavar='FILE', help=f'write one row per optimizer step: {CSV_COLUMNS}')
     return p
@@ -111,30 +119,36 @@ def read_resume(path) -> tuple | None:
     if not path or not Path(path).is_file(): return None
     import torch
     try: ck = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except Exception as e: raise PlanError(f'cannot read the checkpoint {path} ({e}): check --resume-from') from None
-    if 'epoch' not in ck: raise PlanError(f'{path} has no epoch: is it a codseg checkpoint? check --resume-from')
+    except Exception as e:
+        raise PlanError(f'cannot read the checkpoint {path} ({e}): check --resume-from') from None
+    if 'epoch' not in ck:
+        raise PlanError(f'{path} has no epoch: is it a codseg checkpoint? check --resume-from')
     return ck.get('plan'), int(ck['epoch']), int(ck.get('global_step', -1))
 
 def _unchanged_note(cfg: Config, n_train: int, world_size: int, R: int) -> str:
     "Where a resume at epoch R with unchanged settings would continue, for the preview."
     fresh = make_plan(cfg, n_train, world_size)
     if R < fresh.start_epoch: return ''
-    return (f'(With settings unchanged from the checkpoint the run would instead continue the fresh plan at step '
-            f'{fresh.first_step(R)}, LR {fmt_lr(fresh.lr(fresh.first_step(R))[0])}.)')
+    at = fresh.first_step(R)
+    return (f'(With settings unchanged from the checkpoint the run would instead continue the fresh plan at '
+            f'step {at}, LR {fmt_lr(fresh.lr(at)[0])}.)')
 
-def preview_plan(cfg: Config, n_train: int, world_size: int, resume_epoch: int | None = None,
-                 checkpoint: tuple | None = None) -> Plan:
-    "The plan lr-preview shows: fresh, resumed from `checkpoint` (read_resume), or re-planned from `resume_epoch`."
+def preview_plan(cfg: Config, n_train: int, world_size: int,
+                 resume_epoch: int | None = None,  # show the re-plan of a resume at this epoch
+                 checkpoint: tuple | None = None) -> Plan:  # show the resume from this `read_resume` result
+    "The plan lr-preview shows: fresh, resumed from `checkpoint`, or re-planned from `resume_epoch`."
     if checkpoint is not None:
         saved, epoch, step = checkpoint
         if resume_epoch not in (None, epoch):
-            raise PlanError(f'--resume-epoch {resume_epoch} differs from the checkpoint, which finished {epoch} epochs: '
-                            'drop --resume-epoch')
+            raise PlanError(f'--resume-epoch {resume_epoch} differs from the checkpoint, which finished '
+                            f'{epoch} epochs: drop --resume-epoch')
         return resume_plan(cfg, saved, n_train, world_size, epoch, step)[0]
     if resume_epoch is None: return make_plan(cfg, n_train, world_size)
-    if resume_epoch < 0: raise PlanError(f'--resume-epoch {resume_epoch} is negative: give the epochs the checkpoint finished')
+    if resume_epoch < 0:
+        raise PlanError(f'--resume-epoch {resume_epoch} is negative: give the epochs the checkpoint finished')
     plan = make_plan(cfg, n_train, world_size, resume_epoch)
-    return replace(plan, note=' '.join(filter(None, [plan.note, _unchanged_note(cfg, n_train, world_size, resume_epoch)])))
+    unchanged = _unchanged_note(cfg, n_train, world_size, resume_epoch)
+    return replace(plan, note=' '.join(filter(None, [plan.note, unchanged])))
 
 def lr_preview_cli(argv=None) -> int:
     "`codseg lr-preview`: print the plan; --png and --csv write it."
@@ -143,13 +157,14 @@ def lr_preview_cli(argv=None) -> int:
     try:
         ck = read_resume(cfg.resume_from)
         plan = preview_plan(cfg, train_count(cfg, a.train_size), a.world_size, a.resume_epoch, ck)
-    except PlanError as e:
-        print(f'codseg lr-preview: {e}', file=sys.stderr); return 2
+    except PlanError as e: return report('lr-preview', e)
     print(plan.summary())
     if cfg.resume_from and ck is None and a.resume_epoch is None:
-        print(f'(--resume-from {cfg.resume_from} is not a checkpoint here; give --resume-epoch E to see the re-plan '
-              'of a resume)')
-    if a.csv: print(f'wrote {write_csv(plan, a.csv)} ({plan.end_step - plan.first_step(plan.start_epoch)} rows)')
+        print(f'(--resume-from {cfg.resume_from} is not a checkpoint here; give --resume-epoch E to see the '
+              're-plan of a resume)')
+    if a.csv:
+        rows = plan.end_step - plan.first_step(plan.start_epoch)
+        print(f'wrote {write_csv(plan, a.csv)} ({rows} rows)')
     if a.png: print(f'wrote {save_png(plan, a.png)}')
     return 0
 
@@ -165,17 +180,17 @@ def save_png(plan: Plan, path) -> Path:
 
 # %% ../nbs/08_preview.ipynb #fb697041
 def guide_commands(guide) -> list:
-    "The `python train_ultimate.py train ...` commands of the guide's Recommended Configurations, as argv lists."
+    "The guide's Recommended Configurations (`python train_ultimate.py train ...`), as argv lists."
     import shlex
     text = Path(guide).read_text().split('## 🚀 Recommended Configurations')[1].split('\n---')[0]
     blocks = [b.split('```')[0] for b in text.split('```bash\n')[1:]]
     return [shlex.split(b.replace('\\\n', ' '))[3:] for b in blocks if 'train_ultimate.py train' in b]
 
 # %% ../nbs/08_preview.ipynb #df8feba4
-WIDGET_FIELDS = ('scheduler', 'lr', 'stage2_lr', 'min_lr', 'warmup_epochs', 't0', 't_mult', 'epochs', 'stage1_epochs',
-                 'batch_size', 'stage2_batch_size', 'accumulation_steps', 'stage1_scheduler', 'pct_start',
-                 'backbone_lr_mult', 'skip_stage1')
-_UNSET = {'stage2_lr': '0: --lr', 'stage2_batch_size': '0: --batch-size', 't0': '0: auto'}  # 0 leaves these unset
+WIDGET_FIELDS = ('scheduler', 'lr', 'stage2_lr', 'min_lr', 'warmup_epochs', 't0', 't_mult', 'epochs',
+                 'stage1_epochs', 'batch_size', 'stage2_batch_size', 'accumulation_steps', 'stage1_scheduler',
+                 'pct_start', 'backbone_lr_mult', 'skip_stage1')
+_UNSET = {'stage2_lr': '0: --lr', 'stage2_batch_size': '0: --batch-size', 't0': '0: auto'}  # 0: left unset
 
 def _widgets_render() -> bool:
     "Whether widgets can render here: ipywidgets installed and a Jupyter kernel behind IPython."
@@ -195,7 +210,8 @@ def _controls(cfg: Config) -> dict:
                   layout=W.Layout(width='320px'))
         v = getattr(cfg, n)
         if n.endswith('scheduler'): return W.Dropdown(options=list(CURVES), value=v, **kw)
-        base = next((t for t in typing.get_args(hints[n]) if t is not type(None)), hints[n])  # Optional[int] -> int
+        args = [t for t in typing.get_args(hints[n]) if t is not type(None)]
+        base = args[0] if args else hints[n]  # Optional[int] -> int
         if base is bool: return W.Checkbox(value=v, indent=False, **kw)
         return (W.IntText if base is int else W.FloatText)(value=0 if v is None else v, **kw)
     return {n: make(n) for n in WIDGET_FIELDS}
@@ -211,8 +227,11 @@ def _show(plan: Plan, static: bool):
     plt.close(ax.figure)
 
 # %% ../nbs/08_preview.ipynb #f1fd8761
-def lr_widget(cfg: Config | None = None, n_train: int | None = None, world_size: int = 1, static: bool | None = None):
-    "An interactive LR-plan preview; `.result` is the chosen Config. `n_train` defaults to the count under dataset_path."
+def lr_widget(cfg: Config | None = None,
+              n_train: int | None = None,  # training items; default: counted under `cfg.dataset_path`
+              world_size: int = 1,
+              static: bool | None = None):  # draw once, without widgets; default: when widgets cannot render
+    "An interactive LR-plan preview; `.result` is the chosen Config."
     cfg = cfg or Config()
     n_train = train_count(cfg, n_train)
     static = not _widgets_render() if static is None else static
@@ -221,7 +240,7 @@ def lr_widget(cfg: Config | None = None, n_train: int | None = None, world_size:
         c = replace(cfg, **{n: (v or None) if n in _UNSET else v for n, v in values.items()})
         try: plan = make_plan(c, n_train, world_size)
         except PlanError as e:
-            print(f'codseg: {e}')
+            print(f'codseg: {e}')  # the widget stays up; the next change redraws
             return None
         if not (static and drawn):
             _show(plan, static)

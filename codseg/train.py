@@ -14,6 +14,8 @@ from .runtime import (Dist, pick_device, seed_everything, save_atomic, copy_atom
                             set_rng_state, find_resume, check_same_arch, model_state, model_from_checkpoint)
 from .learner import (Learner, Callback, CancelFitException, LRPlanCB, AMPCB, GradGuardCB, EMACB, MetricsCB,
                             ProgressCB, TrainingDiverged, DIVERGE_ADVICE, pick_precision, all_reduce_sum, unwrap)
+from .track import (HISTORY_EXTRA, LABELS, best_row, best_so_far, epoch_tail, is_better, monitor_key,
+                          track_callbacks)
 
 # %% auto #0
 __all__ = ['PLATEAU_ADVICE', 'unfrozen_stages', 'StageCB', 'ChannelsLastCB', 'fast_model', 'HistoryCB', 'fmt_lr', 'epoch_line',
@@ -78,7 +80,7 @@ class HistoryCB(Callback):
         lr, blr = self.plan.lr(self.plan.first_step(e) + self.plan.steps_per_epoch(e) - 1)
         row = dict(epoch=e + 1, stage=self.plan.stage(e), loss=m['loss'], iou=m['iou'], dice=m['dice'], lr=lr,
                    backbone_lr=blr, seconds=round(time.time() - self.t0, 1), skipped_steps=getattr(learn, 'skipped', 0),
-                   overflow_steps=getattr(learn, 'overflows', 0))
+                   overflow_steps=getattr(learn, 'overflows', 0), **{k: m[k] for k in HISTORY_EXTRA if k in m})
         if flagged := getattr(learn.train_dl.dataset, 'test_trained', None):  # --allow-test-training: every row says so
             for r in learn.history: r.setdefault('test_trained', '')
             row['test_trained'] = ' '.join(flagged)
@@ -96,7 +98,7 @@ def epoch_line(r):
     n, o = r.get('skipped_steps', 0), r.get('overflow_steps', 0)
     skipped = f" | Skipped steps: {n}{f' ({o} fp16 overflows)' if o else ''}" if n else ''
     return (f"Epoch {r['epoch']}: Loss: {r['loss']:.4f} | IoU: {r['iou']:.4f} | Dice: {r['dice']:.4f} | "
-            f"LR: {fmt_lr(r['lr'])} | Stage: {r['stage']} | Time: {r['seconds']:.0f}s{skipped}")
+            f"LR: {fmt_lr(r['lr'])} | Stage: {r['stage']} | Time: {r['seconds']:.0f}s{skipped}{epoch_tail(r)}")
 
 def write_history(history, out_dir):
     "Write history.csv and curves.png (loss, IoU, Dice, LR over epochs) into `out_dir`."
@@ -165,9 +167,10 @@ class WatchCB(Callback):
 # %% ../nbs/10_train.ipynb #869c9ba0
 class RunState:
     "What a checkpoint holds besides the weights: where the run is and what it has seen."
-    def __init__(self, cfg, plan, history=(), best_iou=-1.0, best_epoch=0):
+    def __init__(self, cfg, plan, history=(), best_iou=-1.0, best_epoch=0, best_score=None):  # of cfg.monitor
         self.cfg, self.plan, self.history = cfg, plan, list(history)
         self.best_iou, self.best_epoch = best_iou, best_epoch
+        self.best_score, self.track = best_score, {}  # track: the loggers' state (the W&B run id)
 
     def next_step(self, epoch, batch):
         "The global step of the next optimizer step once `batch` batches of `epoch` are done."
@@ -179,25 +182,27 @@ class RunState:
                 'scaler': learn.scaler.state_dict(), 'ema': ema.ema.state_dict() if ema else None,
                 'epoch': epoch, 'batch': batch, 'global_step': self.next_step(epoch, batch),
                 'stage': self.plan.stage(epoch),
-                'best_iou': self.best_iou, 'best_epoch': self.best_epoch, 'config': to_dict(self.cfg),
+                'best_iou': self.best_iou, 'best_epoch': self.best_epoch, 'monitor': self.cfg.monitor,
+                'best_score': self.best_score, 'track': dict(self.track), 'config': to_dict(self.cfg),
                 'plan': self.plan.to_dict(), 'history': learn.history, 'rng': rng_state(),
                 'loss_sum': None if loss_sum is None else loss_sum.cpu(),
                 'codseg': __import__('codseg').__version__}
 
 class CheckpointCB(Callback):
-    "Write best_model.pth on a better validation IoU, then last.pth, each atomically, after every epoch."
+    "Write best_model.pth on a better validation measure (--monitor), then last.pth, each atomically, after every epoch."
     order = 80
     def __init__(self, state, out_dir, ema=None, say=print):
         self.state, self.out, self.ema, self.say = state, Path(out_dir), ema, say
     def after_epoch(self, learn):
-        s, iou = self.state, learn.history[-1]['iou']
-        better = iou > s.best_iou
-        if better: s.best_iou, s.best_epoch = iou, learn.epoch + 1
+        s, row = self.state, learn.history[-1]
+        key = monitor_key(s.cfg.monitor)
+        better = is_better(s.cfg.monitor, row.get(key), s.best_score)
+        if better: s.best_score, s.best_iou, s.best_epoch = row[key], row['iou'], learn.epoch + 1
         ck = s.checkpoint(learn, learn.epoch + 1, 0, self.ema)
         if not better: return save_atomic(ck, self.out/'last.pth')
         # best first: last.pth never calls an epoch best that best_model.pth does not hold (see Run._newer_best)
         copy_atomic(save_atomic(ck, self.out/'best_model.pth'), self.out/'last.pth')
-        self.say(f'  saved best_model.pth (IoU {iou:.4f})')
+        self.say(f'  saved best_model.pth ({LABELS[key]} {row[key]:.4f})')
 
 class SessionLimitCB(Callback):
     "Stop after `stop_after` epochs, or when one more would end past `time_limit` hours (after the checkpoint)."
@@ -296,7 +301,7 @@ class Run:
         try: b = torch.load(p, map_location='cpu', weights_only=True, mmap=True)
         except Exception: return  # unreadable: the run goes on with last.pth's best, and overwrites it when beaten
         if b.get('best_epoch', 0) > self.ckpt['best_epoch']:
-            self.ckpt['best_iou'], self.ckpt['best_epoch'] = b['best_iou'], b['best_epoch']
+            self.ckpt.update({k: b[k] for k in ('best_iou', 'best_epoch', 'monitor', 'best_score') if k in b})
             self.say(f"{p} holds epoch {b['best_epoch']} (IoU {b['best_iou']:.4f}), written just before "
                      f'{self.src} could record it: it stays the best so far')
 
@@ -342,9 +347,11 @@ def make_learner(run: Run, extra_cbs=()):
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     core = fast_model(model, cfg, dist.device)
     loss_fn = CODLoss(cfg.loss, aux_weight=cfg.aux_weight, balance_weight=cfg.balance_weight)
-    state = RunState(cfg, plan, *((ck['history'], ck['best_iou'], ck['best_epoch']) if ck else ()))
+    state = RunState(cfg, plan, *((ck['history'], ck['best_iou'], ck['best_epoch']) if ck else ()),
+                     best_score=best_so_far(ck, cfg.monitor)[0])
     out = Path(cfg.checkpoint_dir) if dist.main else None
     epoch, skip = run.start
+    step = state.next_step(epoch, skip)
     metrics = MetricsCB(SegMeter(), ck.get('loss_sum') if ck and skip else None)
     ema = EMACB(model, cfg.ema_decay, ck and ck.get('ema')) if cfg.ema else None
     dtype, last = run.precision[0], ck['history'][-1] if ck and ck['history'] else {}
@@ -362,9 +369,10 @@ def make_learner(run: Run, extra_cbs=()):
            *([ema] if ema else []),  # --ema: the EMA weights, validated
            *([ChannelsLastCB()] if cfg.channels_last else []),
            SessionLimitCB(cfg.stop_after, cfg.time_limit),  # --stop-after, --time-limit
+           *track_callbacks(run, state, step),  # --track: the loggers (TensorBoard, W&B, ...)
            *extra_cbs]  # the caller's (tests, notebooks)
     learn = Learner(core, loss_fn, opt, loaders[plan.stage(epoch)], valid, cbs, dist.device,
-                    cfg.accumulation_steps, state.next_step(epoch, skip), skip_batches=skip, history=state.history)
+                    cfg.accumulation_steps, step, skip_batches=skip, history=state.history)
     if ck:  # the optimizer and RNG states of the checkpoint (the scaler and EMA states went to their callbacks)
         try: opt.load_state_dict(ck['optimizer'])
         except (ValueError, KeyError) as e:
@@ -391,8 +399,9 @@ def train(cfg: Config = None, callbacks=(), kaggle_input='/kaggle/input', say=pr
     dist.barrier()
     h = learn.history
     if dist.main and h and learn.stopped is None:
-        best = max(h, key=lambda r: r['iou'])
-        run.say(f"Done: best IoU {best['iou']:.4f} at epoch {best['epoch']}; checkpoints in {out}")
+        best, key = best_row(h, cfg.monitor) or h[-1], monitor_key(cfg.monitor)
+        what = '' if key == 'iou' else f"{LABELS[key]} {best.get(key, math.nan):.4f} (--monitor {cfg.monitor}), "
+        run.say(f"Done: best {what}IoU {best['iou']:.4f} at epoch {best['epoch']}; checkpoints in {out}")
     return {'history': h, 'best_iou': max((r['iou'] for r in h), default=None), 'checkpoint_dir': str(out),
             'stopped': learn.stopped, 'signal': learn.signum, 'last_epoch': h[-1]['epoch'] if h else epoch}
 

@@ -94,7 +94,7 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_errors_map_to_one_line_and_exit_status():
     "Disk errors name the path; PyTorch's unpickling advice never passes through; 'nothing left to train' is success."
     from codseg.cli import describe, UsageError
-    from codseg.schedule import PlanError
+    from codseg.schedule import PlanComplete, PlanError
     for code, words in ((errno.ENOSPC, 'no space left'), (errno.EROFS, 'read-only'), (errno.EACCES, 'permission denied')):
         msg, rc = describe(OSError(code, os.strerror(code), '/ck/last.pth'))
         assert rc == 1 and msg.startswith('/ck/last.pth: ') and words in msg and '\n' not in msg
@@ -104,8 +104,9 @@ def test_errors_map_to_one_line_and_exit_status():
                                     "failed.\nRe-running `torch.load` with `weights_only` set to `False` will likely "
                                     "succeed); pass another file"))
     assert rc == 1 and 'weights_only' not in msg and 'False' not in msg and '\n' not in msg, msg
-    msg, rc = describe(PlanError('the checkpoint has finished 6 epochs of --epochs 6: nothing left to train; raise --epochs to continue'))
-    assert rc == 0 and msg.startswith('already complete') and '--epochs' in msg
+    msg, rc = describe(PlanComplete(6, 6))  # by its type, not its text: a look-alike PlanError is a usage error
+    assert rc == 0 and msg.startswith('already complete: ') and 'raise --epochs to continue' in msg, msg
+    assert describe(PlanError('nothing left to train (not a PlanComplete)'))[1] == 2
     assert describe(UsageError('--lr -1 ...'))[1] == 2 and describe(PlanError('--t0 0 ...'))[1] == 2
     assert describe(KeyError('x'))[1] == 1 and '--debug' in describe(KeyError('x'))[0]
 
@@ -132,3 +133,12 @@ def test_read_only_checkpoint_dir_refused_early(tmp_path):
     "A --checkpoint-dir that cannot be written (here under /proc) is refused before anything heavy, naming the flag."
     rc, out, err, secs = codseg('train', '--dataset-path', 'synthetic', '--checkpoint-dir', '/proc/1/codseg-ck')
     assert rc == 2 and err.startswith('codseg train: --checkpoint-dir /proc/1/codseg-ck') and 'not writable' in err, err
+
+def test_check_settings_asks_the_plan(monkeypatch):
+    "check_settings refuses through schedule.check_plan (the plan's own checks, not a copy): its PlanError, exit 2."
+    import codseg.schedule as schedule
+    from codseg.cli import check_settings, train_parser, UsageError
+    def refuse(s, n_train=1, world_size=1): raise schedule.PlanError('--lr: refused by check_plan')
+    monkeypatch.setattr(schedule, 'check_plan', refuse)
+    with pytest.raises(UsageError, match='refused by check_plan'):
+        check_settings(train_parser().parse_args(['--dataset-path', 'synthetic']), 'train')

@@ -242,3 +242,26 @@ def test_names_by_token_not_by_substring(tmp_path, capsys):
 def test_val_path_folder_that_does_not_exist(session, capsys):
     rc, js = check(capsys, '--dataset-path', session, '--val-path', session/'nope'/'CAMO-V.1.0')
     assert rc == 1 and any("nope/CAMO-V.1.0' does not exist" in p for p in js['problems']), js
+
+
+JSON_FIELDS = {'layout', 'root', 'train', 'val', 'test', 'roles', 'noncam_excluded', 'bad', 'problems', 'test_trained',
+               'archives', 'seed', 'val_fraction', 'val_path', 'would_train'}  # docs/SPEC.md's list
+
+
+def test_data_check_json_fields(session, capsys):
+    "Every field of `data-check --json` that SPEC lists, with its value, here with NonCAM kept and a named val set."
+    rc, js = check(capsys, '--dataset-path', session, '--include-noncam', '--val-path', 'CAMO-train', '--seed', 5)
+    assert rc == 0 and set(js) == JSON_FIELDS, sorted(set(js) ^ JSON_FIELDS)
+    assert (js['layout'], js['root']) == ('multi', str(session/'datasets'))  # the folder holding every root
+    assert (js['train'], js['val']) == (6 + 3, 5) and js['test'] == {'COD10K': 4 + 2, 'CAMO': 3, 'NC4K': 5, 'CHAMELEON': 4}
+    assert js['noncam_excluded'] == {} and js['bad'] == [] and js['test_trained'] == [] and js['archives'] == []
+    assert (js['seed'], js['val_fraction'], js['val_path'], js['would_train']) == (5, None, 'CAMO-train', True)
+    rc, js = check(capsys, '--dataset-path', session, '--seed', 5)
+    assert rc == 0 and set(js) == JSON_FIELDS and js['noncam_excluded'] == {'train': 3, 'COD10K': 2}
+    assert (js['val_fraction'], js['val_path'], js['would_train']) == (0.1, None, True)
+    (session/'datasets'/'x'/'nc4k'/'NC4K'/'GT'/'nc0.png').unlink()  # a test image without a mask: listed, no stop
+    (session/'datasets'/'other'/'camo-dataset'/'CAMO-V.1.0-CVIU2019'/'GT'/'camourflage_00001.png').unlink()
+    rc, js = check(capsys, '--dataset-path', session)
+    assert rc == 1 and set(js) == JSON_FIELDS and js['would_train'] is False, js
+    assert sorted(b['file'].rsplit('/', 1)[1] for b in js['bad']) == ['camourflage_00001.jpg', 'nc0.jpg']
+    assert all(b['reason'] == 'no mask' for b in js['bad'])

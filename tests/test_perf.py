@@ -108,7 +108,7 @@ def test_cache_refuses_inputs_and_survives_unwritable(cod, tmp_path):
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter('always')
         d = build_data(Config(dataset_path=str(cod), img_size=64, cache_dir=str(tmp_path/'file')), MEAN, STD)
-    assert any('cannot be written' in str(x.message) for x in w) and '0 of 12 pairs' in d.summary
+    assert any('cannot be written' in str(x.message) for x in w) and ': 0 of 12 pairs (0 made now)' in d.summary
     assert d.train_ds[0]['image'].shape == (3, 64, 64)
 
 

@@ -162,10 +162,10 @@ def test_refuses_weights_of_another_model(data, tmp_path):
     view = state['model'].pop('moe.experts.view')  # as an earlier codseg wrote its experts: one conv per expert
     state['model'].update({f'moe.experts.views.{e}.weight': v[:, None] for e, v in enumerate(view)})
     torch.save(state, ck/'last.pth')
-    before = {p.name: p.read_bytes() for p in ck.iterdir()}
+    before = {p.relative_to(ck): p.read_bytes() for p in ck.rglob('*') if p.is_file()}  # panels in predictions/ too
     r = codseg('train', *args, '--resume-from', 'auto', check=False)
     assert r.returncode == 1 and 'do not fit this model' in r.stderr and 'earlier codseg version' in r.stderr, r.stderr
-    assert {p.name: p.read_bytes() for p in ck.iterdir()} == before
+    assert {p.relative_to(ck): p.read_bytes() for p in ck.rglob('*') if p.is_file()} == before
 
 def test_dry_run_writes_nothing(data, tmp_path):
     r = codseg('train', '--dataset-path', data, '--checkpoint-dir', tmp_path/'ck', '--dry-run', '--no-pretrained',
