@@ -23,7 +23,7 @@ Precision = Literal['auto', 'bf16', 'fp16', 'fp32']
 class Config:
     "Every setting of a codseg run; these defaults are the only defaults."
     # data
-    dataset_path: Optional[str] = None  # dataset root (COD10K-v3, SINet pack, CAMO, folders), a /kaggle/input mount, or 'synthetic'
+    dataset_path: Optional[str] = None  # dataset root (COD10K-v3, SINet pack, CAMO, folders), /kaggle/input, or 'synthetic'
     val_path: Optional[str] = None  # a separate validation set; default: a seeded held-out fraction of train
     val_fraction: float = 0.1  # fraction of train held out for validation when --val-path is not given
     include_noncam: bool = False  # keep COD10K NonCAM images (the COD protocol leaves them out)
@@ -34,10 +34,10 @@ class Config:
     synthetic_n: int = 240  # images in the on-the-fly synthetic dataset (--dataset-path synthetic)
     synthetic_size: int = 160  # side of the on-the-fly synthetic images, pixels
     # data sets and their roles (which are trained on, validated on, tested)
-    train_sets: Optional[str] = None  # comma-separated names of the sets to train on (default: every set that is no test set)
-    test_sets: Optional[str] = None  # comma-separated names of the sets to evaluate (default: every recognised test set)
+    train_sets: Optional[str] = None  # comma-separated names of the sets to train on (default: all but test sets)
+    test_sets: Optional[str] = None  # comma-separated names of the sets to evaluate (default: every test set)
     allow_test_training: bool = False  # allow training or validating on a recognised test set (the run is flagged)
-    extract_dir: Optional[str] = None  # where archives in the inputs are extracted, once (default: /kaggle/temp on Kaggle, else ~/.cache/codseg)
+    extract_dir: Optional[str] = None  # where input archives are extracted (default: /kaggle/temp, else ~/.cache/codseg)
     # model
     backbone: str = 'edgenext_base'  # timm backbone name (features_only)
     num_experts: int = 7  # experts in the mixture-of-experts decoder block
@@ -139,10 +139,12 @@ def add_args(parser: argparse.ArgumentParser, names=DATA + MODEL + PLAN + TRAIN,
     for n in names:
         tp, choices = _base_type(hints[n])
         flag, default, h = '--' + n.replace('_', '-'), getattr(d, n), helps.get(n, '')
-        if tp is bool and default: parser.add_argument('--no-' + n.replace('_', '-'), dest=n, action='store_false', help=h)
+        if tp is bool and default:
+            parser.add_argument('--no-' + n.replace('_', '-'), dest=n, action='store_false', help=h)
         elif tp is bool: parser.add_argument(flag, dest=n, action='store_true', help=h)
-        else: parser.add_argument(flag, dest=n, type=tp, choices=choices, default=default, metavar=None if choices else n.upper(),
-                                  help=f'{h} (default: {default})')
+        else:
+            parser.add_argument(flag, dest=n, type=tp, choices=choices, default=default,
+                                metavar=None if choices else n.upper(), help=f'{h} (default: {default})')
     return parser
 
 def from_args(ns: argparse.Namespace, base: Config = None) -> Config:
@@ -174,6 +176,8 @@ def from_dict(d: dict, warn=print) -> Config:
 
 def save_config(cfg: Config, path) -> Path:
     "Write `cfg` as JSON to `path` atomically."
-    path = Path(path); tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(json.dumps(to_dict(cfg), indent=2)); tmp.replace(path)
+    path = Path(path)
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(json.dumps(to_dict(cfg), indent=2))
+    tmp.replace(path)
     return path

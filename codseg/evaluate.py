@@ -15,33 +15,24 @@ from .image import DataError, read_image, read_mask, check_images
 from .layout import Pair, is_image_file, discover, dataset_root, check_pairs
 from .data import SegDataset, eval_transform, seed_worker
 from .metrics import SODMeter, to_uint8_map
+from .runtime import pick_device, model_from_checkpoint
 
 # %% auto #0
-__all__ = ['TTA_SCALES', 'METRICS', 'RUN_FIELDS', 'load_model', 'pick_device', 'EvalDataset', 'collate', 'eval_loader',
-           'predict_probs', 'score_set', 'find_test_sets', 'evaluate', 'format_table', 'write_results', 'evaluate_cli',
-           'image_files', 'overlay', 'predict', 'predict_cli', 'prediction_grid']
+__all__ = ['TTA_SCALES', 'METRICS', 'RUN_FIELDS', 'load_model', 'EvalDataset', 'collate', 'eval_loader', 'predict_probs',
+           'score_set', 'find_test_sets', 'evaluate', 'format_table', 'write_results', 'evaluate_cli', 'image_files',
+           'overlay', 'predict', 'predict_cli', 'prediction_grid']
 
 # %% ../nbs/11_evaluate.ipynb #72110b49
 def load_model(checkpoint, device):
     "The model (eval mode, on `device`) and config of codseg checkpoint `checkpoint`; errors name --checkpoint."
-    from codseg.train import model_from_checkpoint
-    p = Path(checkpoint)
-    if not p.is_file(): raise FileNotFoundError(f'--checkpoint {p}: no such file; pass a codseg last.pth or best_model.pth')
-    try: return model_from_checkpoint(p, device)
-    except (RuntimeError, ValueError) as e:  # load_checkpoint's text names --resume-from: say --checkpoint instead
-        why = str(e).split(': ', 1)[1] if str(e).startswith('--resume-from') else str(e)
-        raise ValueError(f'--checkpoint {p}: {why}') from None
-
-def pick_device(device: str) -> torch.device:
-    "`device` ('auto', 'cpu', 'cuda', 'cuda:N') as a torch device, as the trainer picks it."
-    from codseg.train import Dist
-    return Dist(device).device
+    return model_from_checkpoint(checkpoint, device, flag='--checkpoint')
 
 # %% ../nbs/11_evaluate.ipynb #33e06666
 class EvalDataset(SegDataset):
-    "Validation items (the network input exactly as training validated) plus the mask at original size ('gt', uint8 0/255)."
+    "Validation items (the network input as training validated it) plus the mask at original size ('gt', uint8)."
     def __getitem__(self, i) -> dict:
-        item = super().__getitem__(int(i)); del item['mask']  # the resized mask; scoring reads the original
+        item = super().__getitem__(int(i))
+        del item['mask']  # the resized mask; scoring reads the original
         p = self.pairs[item['index']]
         gt = read_mask(p.mask) if p.mask else np.zeros(tuple(item['size'].tolist()), np.uint8)
         return {**item, 'gt': gt * np.uint8(255)}
@@ -52,8 +43,9 @@ def collate(items: list[dict]) -> dict:
             **{k: [o[k] for o in items] for k in ('gt', 'name', 'index')}}
 
 def eval_loader(pairs: list[Pair], size: int, mean, std, batch_size: int, num_workers: int) -> DataLoader:
-    "An in-order loader of `EvalDataset(pairs)` at `size` px; a bad file stops it (filter with `check_pairs` first)."
-    ds = EvalDataset(pairs, eval_transform(size, mean, std), skip_bad=False)  # skipping would score a substitute twice
+    "An in-order loader of `EvalDataset(pairs)` at `size` px; a bad file stops it (filter with `check_pairs`)."
+    # skip_bad=False: skipping would score a substitute image twice
+    ds = EvalDataset(pairs, eval_transform(size, mean, std), skip_bad=False)
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate,
                       pin_memory=torch.cuda.is_available(), worker_init_fn=seed_worker if num_workers else None)
 
@@ -65,9 +57,11 @@ def _views(tta: bool):
 
 def predict_probs(model, x: torch.Tensor, tta: bool = False, amp_dtype=None) -> torch.Tensor:
     "Foreground probabilities (B,1,H,W) float32 of `model` on normalised batch `x` (B,3,H,W); TTA averages 6 views."
-    H, W = x.shape[-2:]; total = 0
+    H, W = x.shape[-2:]
+    total = 0
     for s, flip in _views(tta):
-        v = x if s == 1 else F.interpolate(x, size=[max(32, round(d * s / 32) * 32) for d in (H, W)], mode='bilinear', align_corners=False)
+        size = [max(32, round(d * s / 32) * 32) for d in (H, W)]
+        v = x if s == 1 else F.interpolate(x, size=size, mode='bilinear', align_corners=False)
         if flip: v = v.flip(-1)
         with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             y = model(v)['logits'].float()
@@ -84,8 +78,9 @@ def score_set(model, loader, device, tta=False, amp_dtype=None, save_dir=None, d
     from tqdm.auto import tqdm
     meter = SODMeter()
     if save_dir: Path(save_dir).mkdir(parents=True, exist_ok=True)
-    with torch.inference_mode(), tqdm(total=len(loader.dataset), desc=desc, unit='img', leave=False, disable=progress,
-                                      file=sys.stderr, dynamic_ncols=True) as bar:
+    bar = tqdm(total=len(loader.dataset), desc=desc, unit='img', leave=False, disable=progress, file=sys.stderr,
+               dynamic_ncols=True)
+    with torch.inference_mode(), bar:
         for b in loader:
             probs = predict_probs(model, b['image'].to(device, non_blocking=True), tta, amp_dtype)
             for p, gt, name in zip(probs[:, 0], b['gt'], b['name']):
@@ -106,13 +101,14 @@ def find_test_sets(path, cfg: Config, say=print) -> tuple[dict, Path]:
     pair = found.layout == 'folders' and (found.train or found.missing.get('train'))
     sets = dict(found.tests) or ({found.root.name: found.train} if pair else {})
     if not sets:
-        raise DataError(f'no test set under {found.root} (layout {found.layout}, found {found.counts()}): pass a folder '
-                        'with a test split (COD10K-v3 Test/, SINet TestDataset/, CAMO Images/Test) or an images+masks folder pair')
+        raise DataError(f'no test set under {found.root} (layout {found.layout}, found {found.counts()}): pass a '
+                        'folder with a test split (COD10K-v3 Test/, SINet TestDataset/, CAMO Images/Test) or an '
+                        'images+masks folder pair')
     for name in sets:
         miss = found.missing.get(name if name in found.tests else 'train', [])
         if miss and not cfg.skip_bad:
-            raise DataError(f'{len(miss)} test image(s) of {name} have no mask, e.g. {miss[0]}. Fix: add the masks, '
-                            'or pass --skip-bad to leave those images out')
+            raise DataError(f'{len(miss)} test image(s) of {name} have no mask, e.g. {miss[0]}. Fix: add the '
+                            'masks, or pass --skip-bad to leave those images out')
     out = {}
     for k, v in sets.items():  # with --skip-bad every file is decoded, so a bad one is left out here, not met later
         out[k], bad = check_pairs(v, skip_bad=cfg.skip_bad, decode=cfg.skip_bad)
@@ -131,7 +127,8 @@ def _out_paths(checkpoint, output, tta: bool) -> tuple[Path, Path]:
     return out/f'{stem}.csv', out/f'{stem}.json'
 
 # %% ../nbs/11_evaluate.ipynb #504817f9
-RUN_FIELDS = ('device', 'num_workers', 'include_noncam', 'skip_bad', 'amp')  # from the caller, else Config's (not the checkpoint's)
+# from the caller, else Config's (not the checkpoint's)
+RUN_FIELDS = ('device', 'num_workers', 'include_noncam', 'skip_bad', 'amp')
 
 def _settings(ck_cfg: Config, path, img_size=None, batch_size=None, **given) -> tuple[Config, int]:
     "The checkpoint's config with the evaluation settings filled in, and the batch size."
@@ -146,10 +143,11 @@ def _test_trained(cfg: Config) -> set[str]:
     return {n.lower() for n in [*(cfg.train_sets or '').split(','), Path(cfg.val_path or '').name] if n.strip()}
 
 def evaluate(checkpoint, dataset_path, output=None, tta: bool = False,
-             save_predictions=None,  # folder for the scored maps as PNG (a subfolder per set when there are several)
-             device=None, batch_size=None, num_workers=None, img_size=None, include_noncam=None, skip_bad=None, amp=None,
+             save_predictions=None,  # folder for the scored maps as PNG (a subfolder per set when several)
+             device=None, batch_size=None, num_workers=None, img_size=None, include_noncam=None, skip_bad=None,
+             amp=None,
              say=print, progress=None) -> list[dict]:  # progress: tqdm's disable (None: auto)
-    "Score `checkpoint` on every test set under `dataset_path`; print the table, write CSV and JSON; return the rows."
+    "Score `checkpoint` on every test set under `dataset_path`; print the table, write CSV and JSON; the rows."
     from codseg.learner import amp_dtype as _amp
     dev = pick_device(device or Config().device)
     model, ck_cfg = load_model(checkpoint, dev)
@@ -158,10 +156,12 @@ def evaluate(checkpoint, dataset_path, output=None, tta: bool = False,
     sets, root = find_test_sets(dataset_path, cfg, say)
     csv_p, json_p = _out_paths(checkpoint, output, tta)
     for flag, p in (('--output', csv_p.parent), ('--save-predictions', save_predictions)):
-        if p and _inside(p, root): raise ValueError(f'{flag} {p} is inside the dataset folder {root}; codseg never writes '
-                                                    'into input folders: pass a folder outside it')
+        if p and _inside(p, root):
+            raise ValueError(f'{flag} {p} is inside the dataset folder {root}; codseg never writes into input '
+                             'folders: pass a folder outside it')
+    which = 'all images' if cfg.include_noncam else 'camouflaged images only'
     say(f"codseg evaluate: {checkpoint} ({cfg.backbone}) on {dev}, {cfg.img_size} px, TTA {'on' if tta else 'off'}, "
-        f"{'all images' if cfg.include_noncam else 'camouflaged images only'}; {root}")
+        f'{which}; {root}')
     rows = []
     for name, pairs in sets.items():
         save = save_predictions and (Path(save_predictions)/name if len(sets) > 1 else Path(save_predictions))
@@ -170,8 +170,8 @@ def evaluate(checkpoint, dataset_path, output=None, tta: bool = False,
     trained = [r['dataset'] for r in rows if r['dataset'].lower() in _test_trained(cfg)]  # marked in the table
     rows = [{**r, 'dataset': r['dataset'] + ' [trained on]'} if r['dataset'] in trained else r for r in rows]
     say(format_table(rows))
-    meta = dict(checkpoint=str(checkpoint), dataset_path=str(dataset_path), root=str(root), img_size=cfg.img_size, tta=tta,
-                include_noncam=cfg.include_noncam, backbone=cfg.backbone, test_trained=trained)
+    meta = dict(checkpoint=str(checkpoint), dataset_path=str(dataset_path), root=str(root), img_size=cfg.img_size,
+                tta=tta, include_noncam=cfg.include_noncam, backbone=cfg.backbone, test_trained=trained)
     say(write_results(rows, meta, csv_p, json_p) + (f'; maps in {save_predictions}' if save_predictions else ''))
     return rows
 
@@ -180,23 +180,26 @@ def format_table(rows: list[dict]) -> str:
     "The results as a fixed-width text table."
     w = max([len('dataset')] + [len(r['dataset']) for r in rows])
     head = f"{'dataset':<{w}}  {'images':>6}  " + '  '.join(f'{m:>6}' for m in METRICS)
-    return '\n'.join([head] + [f"{r['dataset']:<{w}}  {r['images']:>6}  " + '  '.join(f'{r[m]:6.4f}' for m in METRICS)
-                               for r in rows])
+    row = lambda r: f"{r['dataset']:<{w}}  {r['images']:>6}  " + '  '.join(f'{r[m]:6.4f}' for m in METRICS)
+    return '\n'.join([head] + [row(r) for r in rows])
 
 def write_results(rows: list[dict], meta: dict, csv_path: Path, json_path: Path) -> str:
     "Write the rows as CSV and (with `meta`) JSON; returns a sentence saying where they went."
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     existed = csv_path.exists() or json_path.exists()
     with open(csv_path, 'w', newline='') as f:
-        wr = csv.DictWriter(f, fieldnames=['dataset', 'images', *METRICS]); wr.writeheader(); wr.writerows(rows)
+        wr = csv.DictWriter(f, fieldnames=['dataset', 'images', *METRICS])
+        wr.writeheader()
+        wr.writerows(rows)
     json_path.write_text(json.dumps({**meta, 'results': rows}, indent=2))
-    return f"results written to {csv_path} and {json_path.name}" + (' (replacing an earlier evaluation)' if existed else '')
+    again = ' (replacing an earlier evaluation)' if existed else ''
+    return f'results written to {csv_path} and {json_path.name}{again}'
 
 # %% ../nbs/11_evaluate.ipynb #38b12316
 from .cli import evaluate_parser  # the parser lives in the light codseg.cli: `--help` imports no torch
 
 def evaluate_cli(argv=None) -> int:
-    "Run `codseg evaluate` with flags `argv`; errors reach `codseg.cli.main`, which prints one line and sets the exit status."
+    "Run `codseg evaluate` with flags `argv`; errors reach `codseg.cli.main` (one line and the exit status)."
     ns = evaluate_parser().parse_args(sys.argv[1:] if argv is None else argv)
     evaluate(ns.checkpoint, ns.dataset_path, ns.output, ns.tta, ns.save_predictions, ns.device, ns.batch_size,
              ns.num_workers, ns.img_size, ns.include_noncam, ns.skip_bad, ns.amp)
@@ -207,21 +210,24 @@ def image_files(input) -> list[Path]:
     "The image files `input` names: the file itself, or the images directly in the folder (sorted)."
     p = Path(input)
     if p.is_file():
-        if not is_image_file(p.name): raise DataError(f'--input {p}: not an image file (expected one of .jpg .png .bmp .tif .webp ...)')
+        if not is_image_file(p.name):
+            raise DataError(f'--input {p}: not an image file (expected one of .jpg .png .bmp .tif .webp ...)')
         return [p]
     if not p.is_dir(): raise FileNotFoundError(f'--input {p}: no such file or folder')
     files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith('.') and is_image_file(f.name))
     if not files: raise DataError(f'--input {p}: the folder holds no image files (sub-folders are not searched)')
     stems = {}
     for f in files:
-        if f.stem in stems: raise DataError(f'--input {p}: {stems[f.stem].name} and {f.name} share a name, so their maps would '
-                                            'collide: rename one, or predict them separately')
+        if f.stem in stems:
+            raise DataError(f'--input {p}: {stems[f.stem].name} and {f.name} share a name, so their maps would '
+                            'collide: rename one, or predict them separately')
         stems[f.stem] = f
     return files
 
 def overlay(img: np.ndarray, mask: np.ndarray, truth=None, alpha: float = 0.45) -> np.ndarray:
     "RGB `img` with boolean `mask` tinted red and outlined in yellow; the outline of boolean `truth` in green."
-    out = img.copy(); out[mask] = (out[mask] * (1 - alpha) + np.array([255, 0, 0]) * alpha).astype(np.uint8)
+    out = img.copy()
+    out[mask] = (out[mask] * (1 - alpha) + np.array([255, 0, 0]) * alpha).astype(np.uint8)
     width = max(1, round(max(img.shape[:2]) / 300))
     for m, colour in ((mask, (255, 255, 0)), (truth, (0, 255, 0))):
         if m is None: continue
@@ -231,7 +237,7 @@ def overlay(img: np.ndarray, mask: np.ndarray, truth=None, alpha: float = 0.45) 
 
 # %% ../nbs/11_evaluate.ipynb #191b01fc
 def _readable(files: list[Path], input, skip_bad: bool, say) -> list[Path]:
-    "`files` less the unreadable, truncated or damaged ones (decoded with `skip_bad`); else a DataError names the first."
+    "`files` less the unreadable, truncated or damaged ones (decoded with `skip_bad`); else a DataError."
     bad = {f: m for f, m in zip(files, check_images(files, decode=skip_bad)) if m}
     first = next(iter(bad.values()), '')
     if bad and not skip_bad: raise DataError(f'{len(bad)} bad image(s) in --input {input}. First: {first}')
@@ -242,28 +248,32 @@ def _readable(files: list[Path], input, skip_bad: bool, say) -> list[Path]:
 def predict(checkpoint, input, output, masks: bool = False, overlays: bool = False, tta: bool = False,
             device=None, batch_size=None, num_workers=None, img_size=None, amp=None, say=print, progress=None,
             skip_bad: bool = False) -> list[Path]:  # skip_bad: leave out unreadable or truncated images, and say so
-    "Write probability maps (and masks, overlays) of `checkpoint` for the images `input` names; returns the map paths."
+    "Write probability maps (and masks, overlays) of `checkpoint` for the images `input` names; the map paths."
     from tqdm.auto import tqdm
     from codseg.learner import amp_dtype as _amp
     files, out = image_files(input), Path(output)
     src = Path(input) if Path(input).is_dir() else Path(input).parent
     if (_inside(out, src) if Path(input).is_dir() else out.resolve() == src.resolve()):
-        raise ValueError(f'--output {out} is the input folder {src} or inside it; codseg never writes into input folders: '
-                         'pass another folder')
+        raise ValueError(f'--output {out} is the input folder {src} or inside it; codseg never writes into input '
+                         'folders: pass another folder')
     files = _readable(files, input, skip_bad, say)  # before anything heavy
     dev = pick_device(device or Config().device)
     model, ck_cfg = load_model(checkpoint, dev)
-    cfg, bs = _settings(ck_cfg, src, device=device, num_workers=num_workers, amp=amp, img_size=img_size, batch_size=batch_size)
+    cfg, bs = _settings(ck_cfg, src, device=device, num_workers=num_workers, amp=amp, img_size=img_size,
+                        batch_size=batch_size)
     subs = [d for d, on in (('masks', masks), ('overlays', overlays)) if on]
     for d in [out] + [out/s for s in subs]: d.mkdir(parents=True, exist_ok=True)
-    dl = eval_loader([Pair(f, None, f.stem) for f in files], cfg.img_size, model.mean, model.std, bs, cfg.num_workers)
+    pairs = [Pair(f, None, f.stem) for f in files]
+    dl = eval_loader(pairs, cfg.img_size, model.mean, model.std, bs, cfg.num_workers)
     written = []
-    with torch.inference_mode(), tqdm(total=len(files), desc='predict', unit='img', leave=False, disable=progress, file=sys.stderr) as bar:
+    bar = tqdm(total=len(files), desc='predict', unit='img', leave=False, disable=progress, file=sys.stderr)
+    with torch.inference_mode(), bar:
         for b in dl:
             probs = predict_probs(model, b['image'].to(dev, non_blocking=True), tta, _amp(dev, cfg.amp))
             for p, size, i in zip(probs[:, 0], b['size'], b['index']):
                 m, stem = to_uint8_map(p, size.tolist()), files[i].stem
-                _write_png(out/f'{stem}.png', m); written.append(out/f'{stem}.png')
+                _write_png(out/f'{stem}.png', m)
+                written.append(out/f'{stem}.png')
                 if masks: _write_png(out/'masks'/f'{stem}.png', np.where(m >= 128, 255, 0).astype(np.uint8))
                 if overlays: _write_png(out/'overlays'/f'{stem}.jpg', overlay(read_image(files[i]), m >= 128))
             bar.update(len(b['index']))
@@ -274,31 +284,38 @@ def predict(checkpoint, input, output, masks: bool = False, overlays: bool = Fal
 from .cli import predict_parser
 
 def predict_cli(argv=None) -> int:
-    "Run `codseg predict` with flags `argv`; errors reach `codseg.cli.main`, which prints one line and sets the exit status."
+    "Run `codseg predict` with flags `argv`; errors reach `codseg.cli.main` (one line and the exit status)."
     ns = predict_parser().parse_args(sys.argv[1:] if argv is None else argv)
     predict(ns.checkpoint, ns.input, ns.output, ns.masks, ns.overlays, ns.tta, ns.device, ns.batch_size,
             ns.num_workers, ns.img_size, ns.amp, skip_bad=ns.skip_bad)
     return 0
 
 # %% ../nbs/11_evaluate.ipynb #5f1db839
-def prediction_grid(checkpoint, dataset_path, n: int = 6, set_name=None, tta: bool = False, device=None, img_size=None):
-    "A figure of `n` images of a test set (default: the first): image, mask, predicted map, overlay; per-image Sm and IoU."
+def prediction_grid(checkpoint, dataset_path, n: int = 6, set_name=None, tta: bool = False, device=None,
+                    img_size=None):
+    "A figure of `n` images of a test set (default: the first): image, mask, map, overlay; per-image Sm and IoU."
     import matplotlib.pyplot as plt
     from codseg.learner import amp_dtype as _amp
     dev = pick_device(device or Config().device)
     model, ck_cfg = load_model(checkpoint, dev)
     cfg, _ = _settings(ck_cfg, dataset_path, img_size=img_size, device=device)
     sets, _ = find_test_sets(dataset_path, cfg, say=lambda *a: None)
-    if set_name is not None and set_name not in sets: raise ValueError(f'no test set {set_name!r}; found {", ".join(sets)}')
+    if set_name is not None and set_name not in sets:
+        raise ValueError(f'no test set {set_name!r}; found {", ".join(sets)}')
     pairs = sets[set_name or next(iter(sets))]
     pick = [pairs[round(i)] for i in np.linspace(0, len(pairs) - 1, min(n, len(pairs)))]
     b = next(iter(eval_loader(pick, cfg.img_size, model.mean, model.std, len(pick), 0)))
     with torch.inference_mode(): probs = predict_probs(model, b['image'].to(dev), tta, _amp(dev, cfg.amp))
-    fig, axs = plt.subplots(len(pick), 4, figsize=(12, 2.8 * len(pick)), squeeze=False); plt.close(fig)
+    fig, axs = plt.subplots(len(pick), 4, figsize=(12, 2.8 * len(pick)), squeeze=False)
+    plt.close(fig)
     for row, p, gt, pair in zip(axs, probs[:, 0], b['gt'], pick):
         pred, img, meter = to_uint8_map(p, gt.shape), read_image(pair.image), SODMeter()
-        meter.update(pred, gt, pair.name); s = meter.compute()
-        for ax, a, title in zip(row, (img, gt, pred, overlay(img, pred >= 128, gt > 0)),
-                                (pair.name, 'mask', f"prediction (Sm {s['Sm']:.3f})", f"overlay (IoU {s['IoU']:.3f})")):
-            ax.imshow(a, cmap='gray', vmin=0, vmax=255); ax.set_title(title, fontsize=9); ax.axis('off')
-    fig.tight_layout(); return fig
+        meter.update(pred, gt, pair.name)
+        s = meter.compute()
+        titles = (pair.name, 'mask', f"prediction (Sm {s['Sm']:.3f})", f"overlay (IoU {s['IoU']:.3f})")
+        for ax, a, title in zip(row, (img, gt, pred, overlay(img, pred >= 128, gt > 0)), titles):
+            ax.imshow(a, cmap='gray', vmin=0, vmax=255)
+            ax.set_title(title, fontsize=9)
+            ax.axis('off')
+    fig.tight_layout()
+    return fig

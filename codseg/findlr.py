@@ -164,7 +164,7 @@ def _load_model(cfg: Config, say=print):
     "(model, config) of `cfg`: with `cfg.resume_from`, that checkpoint's weights and architecture."
     from codseg.model import build_model
     from codseg.config import from_dict
-    from codseg.train import find_resume, load_checkpoint, model_state
+    from codseg.runtime import find_resume, load_checkpoint, model_state
     src = find_resume(cfg)
     if cfg.resume_from and src is None:
         raise FileNotFoundError(f'--resume-from auto: no last.pth in {cfg.checkpoint_dir} or /kaggle/input')
@@ -220,7 +220,7 @@ def _setup(cfg: Config, stage: int, model, device):
 
 def _device(cfg: Config) -> torch.device:
     "The device `cfg.device` names ('auto': CUDA when there is one)."
-    from codseg.train import Dist
+    from codseg.runtime import Dist
     return Dist(cfg.device).device
 
 # %% ../nbs/12_findlr.ipynb #ab7d4d10
@@ -230,7 +230,7 @@ def find_lr(cfg: Config, stage: int = 2, start: float = 1e-7, end: float = 10.0,
             say=print,  # where the summary goes
             progress=None) -> dict:  # tqdm's disable (None: auto)
     "LR range test for `stage`: sweep the decoder LR from `start` to `end`; lrs, losses and the suggestion."
-    from codseg.train import seed_everything
+    from codseg.runtime import seed_everything
     check_sweep(start, end, steps)
     cfg, device = resolve(cfg), _device(cfg)
     seed_everything(cfg.seed)
@@ -279,7 +279,7 @@ def lr_trial(cfg: Config, lr: float, stage: int = 2, steps: int = 20, model=None
     "Validation loss (before, after) `steps` optimizer steps at constant `lr` (backbone: x mult in Stage 2)."
     import copy
     from codseg.learner import LRPlanCB
-    from codseg.train import seed_everything
+    from codseg.runtime import seed_everything
     cfg, device = resolve(cfg), _device(cfg)
     seed_everything(cfg.seed)
     model = copy.deepcopy(model) if model is not None else _load_model(cfg, lambda *a: None)[0]

@@ -23,7 +23,7 @@ class CancelEpochException(Exception): "Skip the rest of this epoch."
 class CancelFitException(Exception): "Stop training."
 
 class Callback:
-    "Base class: a callback implements some of the learner's events as `event(self, learn)`; lower `order` runs first."
+    "Base class: a callback implements some of the learner's events as `event(self, learn)`; lower `order` first."
     order = 0
 
 # %% ../nbs/09_learner.ipynb #09261925
@@ -36,35 +36,58 @@ def to_device(b, device):
 
 def unwrap(model):
     "The model inside a DDP (or compile) wrapper."
-    while hasattr(model, 'module') or hasattr(model, '_orig_mod'): model = getattr(model, 'module', None) or model._orig_mod
+    while hasattr(model, 'module') or hasattr(model, '_orig_mod'):
+        model = getattr(model, 'module', None) or model._orig_mod
     return model
 
-_CANCEL = dict(step=CancelStepException, batch=CancelBatchException, epoch=CancelEpochException, fit=CancelFitException)
+_CANCEL = dict(step=CancelStepException, batch=CancelBatchException, epoch=CancelEpochException,
+               fit=CancelFitException)
 
 class Learner:
     "Train `model` with `loss_fn` and `opt` on `train_dl`, validate on `valid_dl`, steered by `cbs`."
     def __init__(self, model, loss_fn, opt, train_dl=None, valid_dl=None, cbs=(), device='cpu',
                  accum=1,  # batches per optimizer step
-                 step_idx=0):  # global optimizer-step index to start from
+                 step_idx=0,  # global optimizer-step index to start from
+                 skip_batches=0,  # batches of the first epoch already done (a mid-epoch resume)
+                 history=None):  # the rows of the epochs already run (a resumed run's), appended to
         self.model, self.loss_fn, self.opt, self.train_dl, self.valid_dl = model, loss_fn, opt, train_dl, valid_dl
         self.device, self.accum, self.step_idx, self.cbs = torch.device(device), accum, step_idx, []
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)  # a disabled scaler is a no-op; AMPCB swaps it
+        self.core = model  # the bare model; a callback may wrap `model` around it (DDP)
+        # a disabled scaler is a no-op; AMPCB swaps it for an enabled one (fp16)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)
         self.autocast = self.no_sync = nullcontext  # forward context; gradient no-sync context (DDP) between steps
-        self.eval_model, self.skip_batches, self.grads_ok = None, 0, False
+        self.skip_batches = skip_batches
+        self.eval_model = None  # the model validation runs (EMACB: the EMA weights); None: `model`
+        self.grads_ok = False  # GradGuardCB checked this step's gradients: step without the scaler's own check
+        self.grad_norm = None  # the last step's gradient norm (GradGuardCB)
+        self.loss_sum = None  # the epoch's [loss sum, finite count, non-finite count] on the device (MetricsCB)
+        self.running = None  # `loss_sum` as read at the last step, for progress lines (GradGuardCB)
+        self.skipped = self.overflows = 0  # steps skipped as non-finite; of them, fp16 overflows (GradGuardCB)
+        self.metrics = {}  # the last epoch's train loss and validation metrics (MetricsCB)
+        self.history = [] if history is None else history  # one row per epoch (HistoryCB)
+        self.stopped, self.signum = None, 0  # why the fit ended early ('signal', 'session limit'); the signal
         for cb in cbs: self.add_cb(cb)
 
     def add_cb(self, cb):
         "Attach `cb` (it gets `.learn`); returns it."
-        cb.learn = self; self.cbs.append(cb); self.cbs.sort(key=attrgetter('order')); return cb
+        cb.learn = self
+        self.cbs.append(cb)
+        self.cbs.sort(key=attrgetter('order'))
+        return cb
 
     def callback(self, name):
+        "Call event `name` on every callback that implements it, in `order`."
         for cb in self.cbs:
             if (f := getattr(cb, name, None)) is not None: f(self)
 
     def run(self, nm, fn, *args):
-        "Run `before_nm`, `fn(*args)`, `after_nm`; the matching cancel exception ends the part early."
-        try: self.callback(f'before_{nm}'); fn(*args); self.callback(f'after_{nm}')
+        "`before_nm`, `fn(*args)`, `after_nm`; its cancel ends it early (`after_cancel_nm`); `cleanup_nm` always."
+        try:
+            self.callback(f'before_{nm}')
+            fn(*args)
+            self.callback(f'after_{nm}')
         except _CANCEL.get(nm, ()): self.callback(f'after_cancel_{nm}')
+        finally: self.callback(f'cleanup_{nm}')
 
     def fit(self, epochs):
         "Train for the epoch indices in `epochs`, validating after each."
@@ -74,8 +97,11 @@ class Learner:
         for self.epoch in epochs: self.run('epoch', self.one_epoch)
 
     def one_epoch(self):
-        self.start_pass(True); self.run('train', self.one_pass)
-        with torch.inference_mode(): self.start_pass(False); self.run('validate', self.one_pass)
+        self.start_pass(True)
+        self.run('train', self.one_pass)
+        with torch.inference_mode():
+            self.start_pass(False)
+            self.run('validate', self.one_pass)
 
     def start_pass(self, training):
         "Pick the data and the model (EMA for validation) of a train or validation pass."
@@ -104,16 +130,18 @@ class Learner:
             self.loss, self.loss_parts = self.loss_fn(self.preds, self.batch['mask'])
         self.callback('after_loss')
         if not self.training: return
-        with (nullcontext() if self.step_due else self.no_sync()): self.scaler.scale(self.loss / self.accum).backward()
+        with (nullcontext() if self.step_due else self.no_sync()):
+            self.scaler.scale(self.loss / self.accum).backward()
 
     def one_step(self):
         "One optimizer step slot: callbacks may cancel it, the slot is used either way."
         self.grads_ok = False
         self.run('step', self.opt_step)
-        self.opt.zero_grad(set_to_none=True); self.step_idx += 1
+        self.opt.zero_grad(set_to_none=True)
+        self.step_idx += 1
 
     def opt_step(self):
-        "Step through the scaler (it skips inf/NaN gradients, reading them) unless a callback set `grads_ok` after checking."
+        "Step through the scaler (it skips inf/NaN gradients, reading them) unless a callback checked (`grads_ok`)."
         if self.grads_ok: self.opt.step()
         else: self.scaler.step(self.opt)
         self.scaler.update()
@@ -152,7 +180,7 @@ def amp_dtype(device, enabled=True):
     return pick_precision(device, 'auto' if enabled else 'fp32')[0]
 
 class AMPCB(Callback):
-    "Autocast the forward pass to `dtype`, with an enabled grad scaler for fp16 (its state resumed from `scaler_state`)."
+    "Autocast the forward pass to `dtype`; for fp16 an enabled grad scaler (its state resumed from `scaler_state`)."
     order = -10
     def __init__(self, dtype, scaler_state=None): self.dtype, self.state = dtype, scaler_state
     def before_fit(self, learn):
@@ -162,40 +190,51 @@ class AMPCB(Callback):
         if self.state: learn.scaler.load_state_dict(self.state)
 
 # %% ../nbs/09_learner.ipynb #d9f5591a
-class TrainingDiverged(RuntimeError): "The run stopped because the loss or gradients are no longer finite or exploded."
+class TrainingDiverged(RuntimeError): "The run stopped: the loss or gradients are no longer finite, or exploded."
 
 DIVERGE_ADVICE = ("the LR is too high: reduce --stage2-lr (try 0.7x the current value), add or lengthen "
                   "--warmup-epochs (try 5-10), keep --grad-clip at 1.0, and check the batch size is not too large "
                   "(lr-scheduler-guide: 'If training becomes unstable')")
 
 class GradGuardCB(Callback):
-    "Unscale, then clip gradients to `max_norm` (0: off); skip steps with a non-finite loss or gradient, count them."
+    "Unscale, then clip gradients to `max_norm` (0: off); skip and count steps with a non-finite loss or gradient."
     order = 10  # after LRPlanCB
-    def __init__(self, max_norm, patience=20):  # patience: consecutive non-finite steps before stopping
-        self.max_norm, self.patience, self.skipped, self.overflows, self.streak = max_norm, patience, 0, 0, 0
-    def before_fit(self, learn): self.bad = torch.zeros((), device=learn.device)
+    def __init__(self, max_norm, patience=20,  # patience: consecutive non-finite steps before stopping
+                 skipped=0, overflows=0):  # the counts so far (a resumed run's)
+        self.max_norm, self.patience, self.streak = max_norm, patience, 0
+        self.skipped, self.overflows = skipped, overflows
+    def before_fit(self, learn):
+        self.bad = torch.zeros((), device=learn.device)
+        learn.skipped, learn.overflows = self.skipped, self.overflows
     def after_loss(self, learn):
-        if learn.training: self.bad = self.bad + ~torch.isfinite(learn.loss.detach())  # on the device: no host read
+        if learn.training:
+            self.bad = self.bad + ~torch.isfinite(learn.loss.detach())  # on the device: no host read
     def before_step(self, learn):
         params = [p for g in learn.opt.param_groups for p in g['params'] if p.grad is not None]
         if not params: raise CancelStepException()
         learn.scaler.unscale_(learn.opt)
         learn.grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm or math.inf)
         ride = getattr(learn, 'loss_sum', None)  # the metrics' running sums ride along in the same read
-        ok, bad, *learn.running = torch.cat([torch.stack([torch.isfinite(learn.grad_norm), self.bad > 0]).double(),
-                                             ride.double() if ride is not None else learn.grad_norm.new_zeros(0)]).tolist()
+        flags = torch.stack([torch.isfinite(learn.grad_norm), self.bad > 0]).double()
+        ride = ride.double() if ride is not None else learn.grad_norm.new_zeros(0)
+        ok, bad, *learn.running = torch.cat([flags, ride]).tolist()
         self.bad = torch.zeros_like(self.bad)
-        if ok and not bad: learn.grads_ok = True; return
+        if ok and not bad:
+            learn.grads_ok = True
+            return
         learn.scaler.update()  # lowers an fp16 scale; a no-op when the scaler is off
         self._skip(learn, 'loss' if bad else 'gradient', overflow=not bad and learn.scaler.is_enabled())
         raise CancelStepException()
     def after_step(self, learn): self.streak = 0
     def after_cancel_step(self, learn): learn.opt.zero_grad(set_to_none=True)
     def _skip(self, learn, what, overflow):
-        self.skipped += 1; self.overflows += overflow; self.streak += not overflow
+        self.skipped += 1
+        self.overflows += overflow
+        self.streak += not overflow
         learn.skipped, learn.overflows = self.skipped, self.overflows
         if self.streak >= self.patience:
-            raise TrainingDiverged(f'{self.streak} optimizer steps in a row had a non-finite {what}: {DIVERGE_ADVICE}')
+            raise TrainingDiverged(f'{self.streak} optimizer steps in a row had a non-finite {what}: '
+                                   f'{DIVERGE_ADVICE}')
 
 # %% ../nbs/09_learner.ipynb #e99fcbc1
 class EMACB(Callback):
@@ -246,14 +285,17 @@ def _interactive():
     return sys.stderr.isatty() or 'ipykernel' in sys.modules
 
 class ProgressCB(Callback):
-    "A progress bar over each epoch's training batches with the running loss; plain lines when nobody watches live."
+    "A progress bar over each epoch's training batches with the running loss; plain lines when nobody watches."
     order = 50
     def __init__(self, disable=None,  # None: a bar when interactive, else plain lines; True: nothing
-                 every=60.0, say=partial(print, flush=True)):  # plain mode: seconds between lines at most (and every 10% of the epoch)
+                 every=60.0,  # plain mode: seconds between lines at most (and a line every 10% of the epoch)
+                 say=partial(print, flush=True)):
         self.disable, self.every, self.say, self.bar = disable, every, say, None
     def before_train(self, learn):
         self.plain = self.disable is None and not _interactive()
-        self.t0 = self.shown = time.time(); self.n0 = self.last = learn.first; self.items = 0
+        self.t0 = self.shown = time.time()
+        self.n0 = self.last = learn.first
+        self.items = 0
         if self.plain or self.disable: return
         from tqdm.auto import tqdm
         self.bar = tqdm(total=learn.n_batches, initial=learn.first, desc=f'Epoch {learn.epoch + 1}',
@@ -273,6 +315,7 @@ class ProgressCB(Callback):
                  f'{rate:.1f} items/s | ETA {int(left // 60)}m{int(left % 60):02d}s | loss {loss:.4f}')
         self.shown, self.last = now, i
     after_cancel_step = after_step
-    def after_train(self, learn):
-        if self.bar is not None: self.bar.close(); self.bar = None
-    after_cancel_train = after_train
+    def cleanup_train(self, learn):  # also after an error: no bar left open
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -208,10 +208,9 @@ class TrackCB(Callback):
         row = learn.history[-1]
         self._all('scalars', {t: row[k] for k, t in EPOCH_TAGS.items() if k in row}, learn.step_idx - 1)
         self.flush_images(); self._all('flush')
-    def after_fit(self, learn):
-        "Log what is left and close the loggers (train() calls it too when the run ends in an error)."
+    def cleanup_fit(self, learn):
+        "Log what is left and close the loggers, however the fit ends (a stop, an error)."
         self.flush(); self.flush_images(); self._all('close'); self.loggers = []
-    after_cancel_fit = after_fit
 
 # %% ../nbs/14_track.ipynb #7db795ef
 PANEL_N = 4  # images in the prediction panel

@@ -4,92 +4,27 @@
 
 # %% ../nbs/10_train.ipynb #308254e7
 from __future__ import annotations
-import argparse, csv, json, math, os, random, shutil, signal, sys, time
+import argparse, csv, json, math, os, signal, sys, time
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-import numpy as np
 import torch
 from .config import Config, resolve, add_args, from_args, to_dict, from_dict, save_config, DATA, MODEL, PLAN, TRAIN
+from .runtime import (Dist, pick_device, seed_everything, save_atomic, copy_atomic, load_checkpoint, rng_state,
+                            set_rng_state, find_resume, check_same_arch, model_state, model_from_checkpoint)
 from .learner import (Learner, Callback, CancelFitException, LRPlanCB, AMPCB, GradGuardCB, EMACB, MetricsCB,
                             ProgressCB, TrainingDiverged, DIVERGE_ADVICE, pick_precision, all_reduce_sum, unwrap)
-from .track import (HISTORY_EXTRA, LABELS, TrackCB, best_row, best_so_far, epoch_tail, is_better, monitor_key,
+from .track import (HISTORY_EXTRA, LABELS, best_row, best_so_far, epoch_tail, is_better, monitor_key,
                           track_callbacks)
 
 # %% auto #0
-__all__ = ['PLATEAU_ADVICE', 'ARCH', 'Dist', 'seed_everything', 'save_atomic', 'copy_atomic', 'load_checkpoint', 'rng_state',
-           'set_rng_state', 'find_resume', 'unfrozen_stages', 'StageCB', 'ChannelsLastCB', 'fast_model', 'HistoryCB',
-           'fmt_lr', 'epoch_line', 'write_history', 'plot_history', 'WatchCB', 'RunState', 'CheckpointCB',
-           'SessionLimitCB', 'StopSignalCB', 'check_same_arch', 'model_state', 'Run', 'quiet_worker', 'make_learner',
-           'train', 'banner', 'model_from_checkpoint', 'validate', 'train_cli']
-
-# %% ../nbs/10_train.ipynb #5c25fcb5
-class Dist:
-    "Where this process runs: `rank`, `world`, `device`; `main` is the one that writes."
-    def __init__(self, device='auto'):  # auto, cpu, cuda or cuda:N
-        self.world, self.rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
-        local = int(os.environ.get('LOCAL_RANK', 0))
-        if device == 'auto': device = 'cuda' if torch.cuda.is_available() else 'cpu'
-        if device.startswith('cuda') and not torch.cuda.is_available():
-            raise RuntimeError(f'--device {device}: no CUDA GPU is visible; use --device cpu (or auto)')
-        self.device = torch.device(f'cuda:{local}' if device == 'cuda' and self.world > 1 else device)
-        if self.device.type == 'cuda': torch.cuda.set_device(self.device)
-        if self.world > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group('nccl' if self.device.type == 'cuda' else 'gloo')
-    @property
-    def main(self): return self.rank == 0
-    def barrier(self):
-        if self.world > 1: torch.distributed.barrier()
-
-def seed_everything(seed):
-    "Seed python, numpy and torch."
-    random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
-
-# %% ../nbs/10_train.ipynb #ace2f1da
-def save_atomic(obj, path):
-    "`torch.save` `obj` to `path` through a temporary file and a rename."
-    path = Path(path); tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    with open(tmp, 'wb') as f: torch.save(obj, f); f.flush(); os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-def copy_atomic(src, dst):
-    "Copy file `src` to `dst` through a temporary file and a rename."
-    dst = Path(dst); tmp = dst.with_name(f'.{dst.name}.tmp{os.getpid()}')
-    with open(src, 'rb') as f, open(tmp, 'wb') as g: shutil.copyfileobj(f, g); g.flush(); os.fsync(g.fileno())
-    os.replace(tmp, dst)
-    return dst
-
-def load_checkpoint(path):
-    "Load checkpoint `path` (weights only) with errors that name the file and the fix."
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f'--resume-from {path}: no such file; pass a last.pth or best_model.pth, or auto')
-    try: return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise RuntimeError(f'--resume-from {path}: not a readable checkpoint ({type(e).__name__}: {e}); '
-                           'it may be truncated or from another program: pass another file') from None
-
-def rng_state():
-    "The random states of python, numpy and torch, as weights-only-loadable values."
-    v, py, g = random.getstate(); npn = np.random.get_state()
-    return {'python': [v, list(py), g], 'numpy': [npn[0], torch.from_numpy(npn[1].astype(np.int64)), *npn[2:]],
-            'torch': torch.get_rng_state()}
-
-def set_rng_state(s):
-    random.setstate((s['python'][0], tuple(s['python'][1]), s['python'][2]))
-    n = s['numpy']; np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
-    torch.set_rng_state(s['torch'])
-
-# %% ../nbs/10_train.ipynb #5217419e
-def find_resume(cfg, kaggle_input='/kaggle/input'):
-    "The checkpoint `cfg.resume_from` names: a path, or for 'auto' the newest last.pth (None when there is none)."
-    if cfg.resume_from != 'auto': return cfg.resume_from and Path(cfg.resume_from)
-    found = [p for root in (Path(cfg.checkpoint_dir), Path(kaggle_input)) if root.is_dir() for p in root.rglob('last.pth')]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+__all__ = ['PLATEAU_ADVICE', 'unfrozen_stages', 'StageCB', 'ChannelsLastCB', 'fast_model', 'HistoryCB', 'fmt_lr', 'epoch_line',
+           'write_history', 'plot_history', 'WatchCB', 'RunState', 'CheckpointCB', 'SessionLimitCB', 'StopSignalCB',
+           'Run', 'quiet_worker', 'make_learner', 'train', 'banner', 'validate', 'train_cli']
 
 # %% ../nbs/10_train.ipynb #1fa91f6b
 def unfrozen_stages(epoch, cfg, n_stages, stage):
-    "How many of the deepest backbone stages train in `epoch` of `stage` (None: all) under `cfg`'s unfreezing timetable."
+    "How many of the deepest backbone stages train in `epoch` of `stage` (None: all), by `cfg`'s timetable."
     if stage == 1: return 0
     if not cfg.progressive_unfreeze: return None
     every = max(1, (cfg.epochs - cfg.stage1_epochs) // (2 * n_stages))
@@ -109,11 +44,14 @@ class StageCB(Callback):
         else: unfreeze_backbone(model, k)
         learn.train_dl = self.loaders[self.plan.stage(learn.epoch)]
         learn.train_dl.sampler.set_epoch(learn.epoch, learn.skip_batches * learn.train_dl.batch_size)
-        if self.dist.world > 1 and self.key != k: self.key = k; self._wrap(learn)
+        if self.dist.world > 1 and self.key != k:
+            self.key = k
+            self._wrap(learn)
     def _wrap(self, learn):
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [self.dist.device.index] if self.dist.device.type == 'cuda' else None
-        learn.model = DDP(learn.core, device_ids=ids, find_unused_parameters=False)  # every parameter gets a gradient (experts stacked)
+        # every parameter gets a gradient (the experts are stacked): no search for unused ones
+        learn.model = DDP(learn.core, device_ids=ids, find_unused_parameters=False)
         learn.no_sync = learn.model.no_sync
 
 # %% ../nbs/10_train.ipynb #3bc0c914
@@ -171,18 +109,35 @@ def write_history(history, out_dir):
     tmp.replace(out/'history.csv')
     plot_history(history).savefig(out/'.curves.tmp.png', dpi=90); (out/'.curves.tmp.png').replace(out/'curves.png')
 
+# %% ../nbs/10_train.ipynb #53d6dc5f
 def plot_history(history):
-    "A figure of loss, IoU, Dice and LR per epoch."
-    import matplotlib; matplotlib.use('Agg', force=False)
+    "The run's curves per epoch: training (and validation) loss, validation IoU and Dice, both LRs (log axis)."
+    import matplotlib
+    matplotlib.use('Agg', force=False)
     import matplotlib.pyplot as plt
     ep = [r['epoch'] for r in history]
-    fig, axs = plt.subplots(1, 4, figsize=(14, 3)); plt.close(fig)
-    for ax, k in zip(axs, ('loss', 'iou', 'dice', 'lr')):
-        ax.plot(ep, [r[k] for r in history], marker='.'); ax.set_title(k if k != 'lr' else 'LR (decoder)'); ax.set_xlabel('epoch')
-        if k == 'loss' and any('val_loss' in r for r in history):
-            ax.plot(ep, [r.get('val_loss', math.nan) for r in history], marker='.')
-            ax.legend(['training', 'validation'], fontsize=7)
-    fig.tight_layout(); return fig
+    col = lambda k: [math.nan if r.get(k) is None else r[k] for r in history]  # a column older rows lack: gaps
+    fig, axs = plt.subplots(1, 3, figsize=(15, 3.8))
+    plt.close(fig)
+    axs[0].plot(ep, col('loss'), marker='.', label='training loss')
+    if any(math.isfinite(v) for v in col('val_loss')):
+        axs[0].plot(ep, col('val_loss'), marker='.', label='validation loss')
+    axs[1].plot(ep, col('iou'), marker='.', label='validation IoU')
+    axs[1].plot(ep, col('dice'), marker='.', label='validation Dice')
+    for k, name in (('lr', 'decoder LR'), ('backbone_lr', 'backbone LR')):  # a frozen backbone's 0 is left out
+        axs[2].plot(ep, [v if v > 0 else math.nan for v in col(k)], marker='.', label=name)
+    axs[2].set_yscale('log')  # an LR that ends near 1e-9 stays readable beside 1e-3
+    stage2 = next((r['epoch'] for r in history if r.get('stage') == 2), None)
+    best = max(history, key=lambda r: r['iou']) if history else None
+    for ax, title in zip(axs, ('Loss', 'Validation IoU and Dice', 'Learning rate (log scale)')):
+        if stage2 is not None and stage2 > ep[0]:
+            ax.axvline(stage2 - 0.5, color='grey', ls='--', label='Stage 2 starts')
+        if best is not None:
+            ax.axvline(best['epoch'], color='green', ls=':', label=f"best IoU (epoch {best['epoch']})")
+        ax.set(title=title, xlabel='epoch')
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 # %% ../nbs/10_train.ipynb #4f61cb8f
 PLATEAU_ADVICE = ("raise --stage2-lr (try 1.5x-2x), raise --min-lr to keep learning pressure (e.g. 0.00005), or a "
@@ -195,33 +150,43 @@ class WatchCB(Callback):
     def __init__(self, say=print, window=6, flat=0.005, blowup=3.0):
         self.say, self.window, self.flat, self.blowup, self.warned = say, window, flat, blowup, -10**9
     def after_epoch(self, learn):
-        h = learn.history; loss = h[-1]['loss']; best = min((r['loss'] for r in h if math.isfinite(r['loss'])), default=math.inf)
+        h = learn.history
+        loss, best = h[-1]['loss'], min((r['loss'] for r in h if math.isfinite(r['loss'])), default=math.inf)
         if not math.isfinite(loss) or loss > self.blowup * best or learn.metrics.get('nonfinite', 0) > 0.5:
-            raise TrainingDiverged(f"Epoch {h[-1]['epoch']}: loss {loss:.4f} is far above its best {best:.4f}: {DIVERGE_ADVICE}. "
+            raise TrainingDiverged(f"Epoch {h[-1]['epoch']}: loss {loss:.4f} is far above its best {best:.4f}: "
+                                   f'{DIVERGE_ADVICE}. '
                                    'last.pth and best_model.pth keep the last good epoch.')
         ious = [r['iou'] for r in h[-self.window:]]
         best_before = max([r['iou'] for r in h[:-self.window]], default=-1)
         if (len(ious) == self.window and max(ious) - min(ious) < self.flat and max(ious) <= best_before + self.flat
                 and len(h) - self.warned >= self.window):
             self.warned = len(h)
-            self.say(f'Warning: IoU has stayed near {ious[-1]:.4f} for {self.window} epochs (a plateau): {PLATEAU_ADVICE}.')
+            self.say(f'Warning: IoU has stayed near {ious[-1]:.4f} for {self.window} epochs (a plateau): '
+                     f'{PLATEAU_ADVICE}.')
 
 # %% ../nbs/10_train.ipynb #869c9ba0
 class RunState:
     "What a checkpoint holds besides the weights: where the run is and what it has seen."
-    def __init__(self, cfg, plan, history=(), best_iou=-1.0, best_epoch=0, best_score=None):  # best_score: of cfg.monitor
-        self.cfg, self.plan, self.history, self.best_iou, self.best_epoch = cfg, plan, list(history), best_iou, best_epoch
+    def __init__(self, cfg, plan, history=(), best_iou=-1.0, best_epoch=0, best_score=None):  # of cfg.monitor
+        self.cfg, self.plan, self.history = cfg, plan, list(history)
+        self.best_iou, self.best_epoch = best_iou, best_epoch
         self.best_score, self.track = best_score, {}  # track: the loggers' state (the W&B run id)
+
+    def next_step(self, epoch, batch):
+        "The global step of the next optimizer step once `batch` batches of `epoch` are done."
+        return self.plan.first_step(epoch) + math.ceil(batch / self.cfg.accumulation_steps)
 
     def checkpoint(self, learn, epoch, batch, ema=None, loss_sum=None):
         "The weights-only-loadable checkpoint of `learn` before (epoch, batch) — the next work to do."
         return {'model': unwrap(learn.model).state_dict(), 'optimizer': learn.opt.state_dict(),
                 'scaler': learn.scaler.state_dict(), 'ema': ema.ema.state_dict() if ema else None,
-                'epoch': epoch, 'batch': batch, 'global_step': learn.step_idx, 'stage': self.plan.stage(epoch),
+                'epoch': epoch, 'batch': batch, 'global_step': self.next_step(epoch, batch),
+                'stage': self.plan.stage(epoch),
                 'best_iou': self.best_iou, 'best_epoch': self.best_epoch, 'monitor': self.cfg.monitor,
                 'best_score': self.best_score, 'track': dict(self.track), 'config': to_dict(self.cfg),
                 'plan': self.plan.to_dict(), 'history': learn.history, 'rng': rng_state(),
-                'loss_sum': None if loss_sum is None else loss_sum.cpu(), 'codseg': __import__('codseg').__version__}
+                'loss_sum': None if loss_sum is None else loss_sum.cpu(),
+                'codseg': __import__('codseg').__version__}
 
 class CheckpointCB(Callback):
     "Write best_model.pth on a better validation measure (--monitor), then last.pth, each atomically, after every epoch."
@@ -240,22 +205,25 @@ class CheckpointCB(Callback):
         self.say(f'  saved best_model.pth ({LABELS[key]} {row[key]:.4f})')
 
 class SessionLimitCB(Callback):
-    "Stop after `stop_after` epochs, or when one more epoch would end past `time_limit` hours (after the checkpoint)."
+    "Stop after `stop_after` epochs, or when one more would end past `time_limit` hours (after the checkpoint)."
     order = 95
     def __init__(self, stop_after=None, time_limit=None): self.n, self.hours = stop_after, time_limit
     def before_fit(self, learn): self.t0, self.done = time.time(), 0
     def before_epoch(self, learn): self.te = time.time()
     def after_epoch(self, learn):
-        self.done += 1; now = time.time()
+        self.done += 1
+        now = time.time()
         over = self.hours is not None and (now + (now - self.te) - self.t0) / 3600 > self.hours
         if (self.n is not None and self.done >= self.n) or over:
-            learn.stopped = 'session limit'; raise CancelFitException()
+            learn.stopped = 'session limit'
+            raise CancelFitException()
 
 class StopSignalCB(Callback):
-    "On SIGINT or SIGTERM, save a resumable mid-epoch last.pth at the next step boundary (or epoch end), then stop."
+    "On SIGINT or SIGTERM, save a resumable last.pth at the next step boundary (or epoch end), then stop."
     order = 90
     def __init__(self, state, out_dir, metrics, ema=None, say=print):  # out_dir None: not the writing process
-        self.state, self.out, self.metrics, self.ema, self.say = state, out_dir and Path(out_dir), metrics, ema, say
+        self.state, self.out, self.metrics, self.ema = state, out_dir and Path(out_dir), metrics, ema
+        self.say = say
         self.signum, self.old = 0, {}
     def before_fit(self, learn):
         self.old = {}
@@ -263,7 +231,7 @@ class StopSignalCB(Callback):
             for s in (signal.SIGINT, signal.SIGTERM): self.old[s] = signal.signal(s, self._on_signal)
         except ValueError: self.old = {}  # not the main thread: no handlers
     def _on_signal(self, signum, frame):
-        "Note the first signal; a second Ctrl-C interrupts at once (a repeated SIGTERM, as torchrun forwards it, waits)."
+        "Note the first signal; a second Ctrl-C interrupts at once (a repeated SIGTERM, as torchrun sends, waits)."
         if self.signum == signum == signal.SIGINT: signal.default_int_handler(signum, frame)
         self.signum = self.signum or signum
     def _agreed(self):
@@ -271,40 +239,29 @@ class StopSignalCB(Callback):
         import torch.distributed as dist
         if not (dist.is_available() and dist.is_initialized()): return self.signum  # no tensor, no host read
         t = torch.tensor([self.signum], device='cuda' if dist.get_backend() == 'nccl' else 'cpu')
-        dist.all_reduce(t, op=dist.ReduceOp.MAX); return int(t.item())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
     def after_step(self, learn):
         if not (signum := self._agreed()): return
         if self.out is not None:
             save_atomic(self.state.checkpoint(learn, learn.epoch, learn.iter + 1, self.ema, self.metrics.loss_sum),
                         self.out/'last.pth')
-            self.say(f'\nStopped by {signal.Signals(signum).name} in epoch {learn.epoch + 1} after batch {learn.iter + 1}: '
+            self.say(f'\nStopped by {signal.Signals(signum).name} in epoch {learn.epoch + 1} '
+                     f'after batch {learn.iter + 1}: '
                      f'saved {self.out/"last.pth"}; resume with --resume-from auto (or that path).')
         self._stop(learn, signum)
-    def after_epoch(self, learn):  # a signal during validation: the epoch's own checkpoint (CheckpointCB) is the save
+    def after_epoch(self, learn):  # a signal during validation: the epoch's checkpoint (CheckpointCB) is the save
         if not (signum := self._agreed()): return
         if self.out is not None:
-            self.say(f'\nStopped by {signal.Signals(signum).name} after epoch {learn.epoch + 1}: {self.out/"last.pth"} '
+            self.say(f'\nStopped by {signal.Signals(signum).name} after epoch {learn.epoch + 1}: '
+                     f'{self.out/"last.pth"} '
                      'holds it; resume with --resume-from auto (or that path).')
         self._stop(learn, signum)
-    def _stop(self, learn, signum): learn.stopped, learn.signum = 'signal', signum; raise CancelFitException()
-    def after_fit(self, learn):
+    def _stop(self, learn, signum):
+        learn.stopped, learn.signum = 'signal', signum
+        raise CancelFitException()
+    def cleanup_fit(self, learn):  # after a stop, the end, or an error: the handlers that were there before
         for s, h in self.old.items(): signal.signal(s, h)
-    after_cancel_fit = after_fit
-
-# %% ../nbs/10_train.ipynb #e4ad4d0b
-ARCH = ('backbone', 'num_experts', 'top_k')
-
-def check_same_arch(saved: dict, cfg, path):
-    "Refuse checkpoint `path` (saved config `saved`) when its architecture differs from `cfg`'s."
-    diff = [k for k in ARCH if k in saved and saved[k] != getattr(cfg, k)]
-    if diff:
-        flags = lambda get: ' '.join(f"--{k.replace('_', '-')} {get(k)}" for k in diff)
-        raise ValueError(f'{path} was trained with {flags(saved.get)}, but this run asks for {flags(lambda k: getattr(cfg, k))}: '
-                         'pass the checkpoint\'s values, or start a new run without --resume-from')
-
-def model_state(ckpt):
-    "The model weights in checkpoint `ckpt`: a full codseg checkpoint or a weights-only state_dict."
-    return ckpt['model'] if 'model' in ckpt else ckpt
 
 # %% ../nbs/10_train.ipynb #8c12c2f8
 class Run:
@@ -313,13 +270,16 @@ class Run:
         from codseg.model import build_model
         from codseg.data import build_data
         self.cfg, self.dist, self.say = resolve(cfg), dist, say if dist.main else (lambda *a, **k: None)
-        if not self.cfg.dataset_path: raise ValueError('--dataset-path is required: a dataset folder, a /kaggle/input mount, or synthetic')
+        if not self.cfg.dataset_path:
+            raise ValueError('--dataset-path is required: a dataset folder, a /kaggle/input mount, or synthetic')
         self.precision = pick_precision(dist.device, self.cfg.precision)  # (autocast dtype or None, why)
         self.src = find_resume(self.cfg, kaggle_input)
         self.ckpt = load_checkpoint(self.src) if self.src else None
-        if self.ckpt is not None and 'config' in self.ckpt: check_same_arch(self.ckpt['config'], self.cfg, self.src)
+        if self.ckpt is not None and 'config' in self.ckpt:
+            check_same_arch(self.ckpt['config'], self.cfg, self.src)
         seed_everything(self.cfg.seed)
-        fresh = self.cfg.pretrained and self.ckpt is None and not self.cfg.dry_run  # weights come from the hub only when needed
+        # weights come from the hub only when needed
+        fresh = self.cfg.pretrained and self.ckpt is None and not self.cfg.dry_run
         self.model = build_model(replace(self.cfg, pretrained=fresh))
         if self.ckpt is not None: self._load_weights()
         if self.full: self._newer_best()
@@ -330,20 +290,20 @@ class Run:
     def _load_weights(self):
         try: self.model.load_state_dict(model_state(self.ckpt))
         except RuntimeError as e:
-            raise ValueError(f'{self.src}: its weights do not fit this model ({str(e)[:300]}...): pass the --backbone '
-                             'and --num-experts it was trained with; if they match, an earlier codseg version with a '
-                             'different model wrote it: resume it with that version') from None
+            raise ValueError(f'{self.src}: its weights do not fit this model ({str(e)[:300]}...): pass the '
+                             '--backbone and --num-experts it was trained with; if they match, an earlier codseg '
+                             'version with a different model wrote it: resume it with that version') from None
 
     def _newer_best(self):
-        "Take the best from a best_model.pth beside the checkpoint written after it (a kill between the two writes)."
+        "Take the best from a best_model.pth beside the checkpoint, written after it (a kill between the writes)."
         p = self.src.parent/'best_model.pth'
         if self.src.name == p.name or not p.is_file(): return
         try: b = torch.load(p, map_location='cpu', weights_only=True, mmap=True)
         except Exception: return  # unreadable: the run goes on with last.pth's best, and overwrites it when beaten
         if b.get('best_epoch', 0) > self.ckpt['best_epoch']:
             self.ckpt.update({k: b[k] for k in ('best_iou', 'best_epoch', 'monitor', 'best_score') if k in b})
-            self.say(f"{p} holds epoch {b['best_epoch']} (IoU {b['best_iou']:.4f}), written just before {self.src} "
-                     'could record it: it stays the best so far')
+            self.say(f"{p} holds epoch {b['best_epoch']} (IoU {b['best_iou']:.4f}), written just before "
+                     f'{self.src} could record it: it stays the best so far')
 
     @property
     def full(self): return self.ckpt is not None and 'epoch' in self.ckpt
@@ -364,9 +324,9 @@ class Run:
 
 # %% ../nbs/10_train.ipynb #684d469e
 def quiet_worker(init, worker_id):
-    "A DataLoader worker's start: leave a SIGINT or SIGTERM to the whole process group to the main process; then `init`."
+    "A DataLoader worker's start: leave a SIGINT or SIGTERM to the process group to the main process; then `init`."
     os.setpgid(0, 0)  # its own group: a signal to the run's group (a kernel or session stopping) does not reach it
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # SIGTERM keeps torch's handler: the main process can still end it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # SIGTERM keeps torch's handler: the main process can end it
     if init is not None: init(worker_id)
 
 def make_learner(run: Run, extra_cbs=()):
@@ -387,30 +347,38 @@ def make_learner(run: Run, extra_cbs=()):
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     core = fast_model(model, cfg, dist.device)
     loss_fn = CODLoss(cfg.loss, aux_weight=cfg.aux_weight, balance_weight=cfg.balance_weight)
-    state = RunState(cfg, plan, ck['history'] if ck else (), ck['best_iou'] if ck else -1.0, ck['best_epoch'] if ck else 0,
-                     best_so_far(ck, cfg.monitor)[0])
+    state = RunState(cfg, plan, *((ck['history'], ck['best_iou'], ck['best_epoch']) if ck else ()),
+                     best_score=best_so_far(ck, cfg.monitor)[0])
     out = Path(cfg.checkpoint_dir) if dist.main else None
     epoch, skip = run.start
-    step = plan.first_step(epoch) + math.ceil(skip / cfg.accumulation_steps)
-    metrics, guard = MetricsCB(SegMeter(), ck.get('loss_sum') if ck and skip else None), GradGuardCB(cfg.grad_clip)
+    step = state.next_step(epoch, skip)
+    metrics = MetricsCB(SegMeter(), ck.get('loss_sum') if ck and skip else None)
     ema = EMACB(model, cfg.ema_decay, ck and ck.get('ema')) if cfg.ema else None
-    dtype = run.precision[0]
-    cbs = [StageCB(cfg, plan, loaders, dist), LRPlanCB(plan.lr), guard, metrics, ProgressCB(None if dist.main else True, say=run.say),
-           HistoryCB(plan, out, run.say), WatchCB(run.say), StopSignalCB(state, out, metrics, ema, run.say),
-           *([CheckpointCB(state, out, ema, run.say)] if out else []), *([AMPCB(dtype, ck and ck.get('scaler'))] if dtype else []),
-           *([ema] if ema else []), *([ChannelsLastCB()] if cfg.channels_last else []),
-           SessionLimitCB(cfg.stop_after, cfg.time_limit), *track_callbacks(run, state, step), *extra_cbs]
-    learn = Learner(core, loss_fn, opt, loaders[plan.stage(epoch)], valid,
-                    cbs, dist.device, cfg.accumulation_steps, step)
-    learn.history, learn.skip_batches, learn.stopped, learn.core = state.history, skip, None, core
-    if ck:  # the optimizer, RNG and counters of the checkpoint (the scaler and EMA states went to their callbacks)
+    dtype, last = run.precision[0], ck['history'][-1] if ck and ck['history'] else {}
+    cbs = [StageCB(cfg, plan, loaders, dist),  # the stage's frozen/unfrozen backbone and loader; DDP re-wrap
+           LRPlanCB(plan.lr),  # each step's LR from the plan
+           GradGuardCB(cfg.grad_clip, skipped=last.get('skipped_steps', 0),  # clip; skip non-finite steps
+                       overflows=last.get('overflow_steps', 0)),
+           metrics,  # train loss, validation IoU and Dice
+           ProgressCB(None if dist.main else True, say=run.say),  # a bar, or plain lines in logs
+           HistoryCB(plan, out, run.say),  # the epoch line, history.csv, curves.png
+           WatchCB(run.say),  # divergence stops; a plateau warns
+           StopSignalCB(state, out, metrics, ema, run.say),  # SIGINT/SIGTERM: a resumable save, then stop
+           *([CheckpointCB(state, out, ema, run.say)] if out else []),  # best_model.pth, last.pth (rank 0)
+           *([AMPCB(dtype, ck and ck.get('scaler'))] if dtype else []),  # autocast; fp16's grad scaler
+           *([ema] if ema else []),  # --ema: the EMA weights, validated
+           *([ChannelsLastCB()] if cfg.channels_last else []),
+           SessionLimitCB(cfg.stop_after, cfg.time_limit),  # --stop-after, --time-limit
+           *track_callbacks(run, state, step),  # --track: the loggers (TensorBoard, W&B, ...)
+           *extra_cbs]  # the caller's (tests, notebooks)
+    learn = Learner(core, loss_fn, opt, loaders[plan.stage(epoch)], valid, cbs, dist.device,
+                    cfg.accumulation_steps, step, skip_batches=skip, history=state.history)
+    if ck:  # the optimizer and RNG states of the checkpoint (the scaler and EMA states went to their callbacks)
         try: opt.load_state_dict(ck['optimizer'])
-        except (ValueError, KeyError) as e: run.say(f'Warning: the optimizer state in {run.src} does not fit ({e}); '
-                                                    'the weights are resumed, the optimizer starts afresh')
+        except (ValueError, KeyError) as e:
+            run.say(f'Warning: the optimizer state in {run.src} does not fit ({e}); the weights are resumed, '
+                    'the optimizer starts afresh')
         set_rng_state(ck['rng'])
-        last = ck['history'][-1] if ck['history'] else {}
-        guard.skipped = learn.skipped = last.get('skipped_steps', 0)
-        guard.overflows = learn.overflows = last.get('overflow_steps', 0)
     return learn
 
 # %% ../nbs/10_train.ipynb #963dca59
@@ -421,14 +389,13 @@ def train(cfg: Config = None, callbacks=(), kaggle_input='/kaggle/input', say=pr
     run = Run(cfg, dist, kaggle_input, say)
     cfg, out = run.cfg, Path(run.cfg.checkpoint_dir)
     run.say(banner(run))
-    if cfg.dry_run: run.say(json.dumps(to_dict(cfg), indent=2)); return {'dry_run': True, 'plan': run.plan}
+    if cfg.dry_run:
+        run.say(json.dumps(to_dict(cfg), indent=2))
+        return {'dry_run': True, 'plan': run.plan}
     if dist.main: _claim_dir(out, run)
     learn = make_learner(run, callbacks)
     epoch, _ = run.start
-    try: learn.fit(range(epoch, run.plan.epochs))
-    finally:
-        for cb in learn.cbs:
-            if isinstance(cb, (StopSignalCB, TrackCB)): cb.after_fit(learn)  # handlers restored, logs flushed and closed
+    learn.fit(range(epoch, run.plan.epochs))  # StopSignalCB puts the signal handlers back in its cleanup_fit
     dist.barrier()
     h = learn.history
     if dist.main and h and learn.stopped is None:
@@ -436,48 +403,37 @@ def train(cfg: Config = None, callbacks=(), kaggle_input='/kaggle/input', say=pr
         what = '' if key == 'iou' else f"{LABELS[key]} {best.get(key, math.nan):.4f} (--monitor {cfg.monitor}), "
         run.say(f"Done: best {what}IoU {best['iou']:.4f} at epoch {best['epoch']}; checkpoints in {out}")
     return {'history': h, 'best_iou': max((r['iou'] for r in h), default=None), 'checkpoint_dir': str(out),
-            'stopped': learn.stopped, 'signal': getattr(learn, 'signum', 0), 'last_epoch': h[-1]['epoch'] if h else epoch}
+            'stopped': learn.stopped, 'signal': learn.signum, 'last_epoch': h[-1]['epoch'] if h else epoch}
 
 def banner(run) -> str:
     "What the run is about to do: device, precision (and why), data, resume note and the LR plan."
-    d = run.dist
-    amp = run.precision[0]
-    return '\n'.join([f'codseg: {run.cfg.backbone} x{run.cfg.num_experts} experts on {d.device}'
-                      f"{f' x{d.world} processes' if d.world > 1 else ''}, AMP {str(amp).replace('torch.', '') if amp else 'off'}",
-                      f'Precision: {run.precision[1]}', run.data.summary, f'Plan: {run.note}', run.plan.summary()] +
-                     [f"WARNING: this run trains or validates on the test set(s) {', '.join(t)}"
-                      for t in [run.data.found.test_trained()] if t])
+    d, amp = run.dist, run.precision[0]
+    procs = f' x{d.world} processes' if d.world > 1 else ''
+    amp = str(amp).replace('torch.', '') if amp else 'off'
+    test = run.data.found.test_trained()
+    warn = [f"WARNING: this run trains or validates on the test set(s) {', '.join(test)}"] if test else []
+    return '\n'.join([f'codseg: {run.cfg.backbone} x{run.cfg.num_experts} experts on {d.device}{procs}, AMP {amp}',
+                      f'Precision: {run.precision[1]}', run.data.summary, f'Plan: {run.note}', run.plan.summary(), *warn])
 
 def _claim_dir(out, run):
     "Create the checkpoint folder, clear temporary files a killed run left; refuse to overwrite an earlier run."
     out.mkdir(parents=True, exist_ok=True)
     for t in out.glob('.*.tmp*'): t.unlink()
     if run.ckpt is None and (out/'last.pth').exists():
-        raise FileExistsError(f'--checkpoint-dir {out} already holds last.pth from an earlier run: continue it with '
-                              '--resume-from auto, or pass another --checkpoint-dir (nothing was overwritten)')
+        raise FileExistsError(f'--checkpoint-dir {out} already holds last.pth from an earlier run: continue it '
+                              'with --resume-from auto, or pass another --checkpoint-dir (nothing was overwritten)')
     save_config(run.cfg, out/'config.json')
-    prev = run.src and run.src.parent/'best_model.pth'  # a previous session's output attached elsewhere (Kaggle input)
+    prev = run.src and run.src.parent/'best_model.pth'  # a previous session's output elsewhere (Kaggle input)
     if prev and prev.is_file() and prev.parent.resolve() != out.resolve() and not (out/'best_model.pth').exists():
         copy_atomic(prev, out/'best_model.pth')
         run.say(f'copied {prev} beside the new checkpoints, so the best model so far goes on with the run')
-
-# %% ../nbs/10_train.ipynb #0b0803ac
-def model_from_checkpoint(path, device='cpu', ema=True):
-    "The model in checkpoint `path` (its EMA weights when saved and `ema`), in eval mode, and its config."
-    from codseg.model import build_model
-    ck = load_checkpoint(path)
-    if 'config' not in ck: raise ValueError(f'{path}: a weights-only file has no config; pass a codseg last.pth or best_model.pth')
-    cfg = from_dict(ck['config'])
-    model = build_model(replace(cfg, pretrained=False, pretrained_path=None, grad_checkpointing=False))
-    state = ck['ema'] if ema and ck.get('ema') else ck['model']
-    model.load_state_dict(state); return model.to(device).eval(), cfg
 
 # %% ../nbs/10_train.ipynb #981a39cd
 def validate(checkpoint, device='auto', **overrides) -> dict:
     "IoU and Dice of `checkpoint` on its run's validation split (config `overrides` applied), in this process."
     from codseg.data import build_data, make_loader
     from codseg.metrics import SegMeter
-    dev = Dist(device).device
+    dev = pick_device(device)
     model, cfg = model_from_checkpoint(checkpoint, dev)
     cfg = resolve(replace(cfg, **overrides))
     val = build_data(cfg, model.mean, model.std).val_ds
@@ -492,6 +448,6 @@ def validate(checkpoint, device='auto', **overrides) -> dict:
 from .cli import train_parser  # the parser lives in the light codseg.cli: `codseg train --help` imports no torch
 
 def train_cli(argv=None) -> int:
-    "Run `codseg train` with flags `argv`; 0 done, 128 + N after a resumable stop by signal N; errors reach `codseg.cli.main`."
+    "Run `codseg train` with flags `argv`; 0 done, 128 + N after a resumable stop by signal N."
     r = train(from_args(train_parser().parse_args(argv)))
     return 128 + r['signal'] if r.get('signal') else 0

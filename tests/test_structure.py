@@ -64,3 +64,11 @@ def test_layout_stays_light():
     code = 'import sys, codseg.layout; print(sorted(m for m in ("torch", "albumentations") if m in sys.modules))'
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == '[]', r.stdout + r.stderr
+
+
+def test_evaluate_and_findlr_import_nothing_from_train():
+    "Evaluation and find-lr stand on codseg.runtime (device, seeding, checkpoints), not on the trainer."
+    g = graph()
+    assert 'runtime' in g['evaluate'] and 'runtime' in g['findlr'] and 'runtime' in g['train']
+    assert 'train' not in g['evaluate'] and 'train' not in g['findlr'], (g['evaluate'], g['findlr'])
+    assert g['runtime'] <= {'config', 'model'}, g['runtime']  # below the learner and the trainer
