@@ -218,6 +218,5 @@ def build_data(cfg: Config, mean, std) -> Data:
     def mk(ps, tf): return SegDataset(ps, tf(cfg.img_size, mean, std), seed=cfg.seed, skip_bad=cfg.skip_bad)
     summary = _summary(cfg, found, train, val, bad_t + bad_v)
     data = Data(mk(train, train_transform), mk(val, eval_transform), found, summary)
-    data.train_ds.test_trained = found.test_trained()  # the history and results flag these sets
     if cfg.cache_dir: data.summary += '\n' + cache_data(cfg, found, [data.train_ds, data.val_ds])
     return data

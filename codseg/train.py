@@ -18,7 +18,7 @@ from .track import (HISTORY_EXTRA, LABELS, best_row, best_so_far, epoch_tail, is
                           track_callbacks)
 
 # %% auto #0
-__all__ = ['PLATEAU_ADVICE', 'unfrozen_stages', 'StageCB', 'ChannelsLastCB', 'fast_model', 'HistoryCB', 'fmt_lr', 'epoch_line',
+__all__ = ['PLATEAU_ADVICE', 'unfrozen_stages', 'StageCB', 'ChannelsLastCB', 'fast_model', 'HistoryCB', 'guide_lr', 'epoch_line',
            'write_history', 'plot_history', 'WatchCB', 'RunState', 'CheckpointCB', 'SessionLimitCB', 'StopSignalCB',
            'Run', 'quiet_worker', 'make_learner', 'train', 'banner', 'validate', 'train_cli']
 
@@ -72,8 +72,9 @@ def fast_model(model, cfg, device):
 class HistoryCB(Callback):
     "Append each epoch's numbers to `learn.history`; print the epoch line; write history.csv and curves.png."
     order = 60
-    def __init__(self, plan, out_dir=None, say=print):  # out_dir None: print nothing, write nothing (not rank 0)
-        self.plan, self.out, self.say = plan, out_dir and Path(out_dir), say
+    def __init__(self, plan, out_dir=None, say=print,  # out_dir None: print nothing, write nothing (not rank 0)
+                 flagged=()):  # recognised test sets this run trains on (--allow-test-training)
+        self.plan, self.out, self.say, self.flagged = plan, out_dir and Path(out_dir), say, list(flagged)
     def before_epoch(self, learn): self.t0 = time.time()
     def after_epoch(self, learn):
         e, m = learn.epoch, learn.metrics
@@ -81,15 +82,15 @@ class HistoryCB(Callback):
         row = dict(epoch=e + 1, stage=self.plan.stage(e), loss=m['loss'], iou=m['iou'], dice=m['dice'], lr=lr,
                    backbone_lr=blr, seconds=round(time.time() - self.t0, 1), skipped_steps=getattr(learn, 'skipped', 0),
                    overflow_steps=getattr(learn, 'overflows', 0), **{k: m[k] for k in HISTORY_EXTRA if k in m})
-        if flagged := getattr(learn.train_dl.dataset, 'test_trained', None):  # --allow-test-training: every row says so
+        if self.flagged:  # --allow-test-training: every row says so
             for r in learn.history: r.setdefault('test_trained', '')
-            row['test_trained'] = ' '.join(flagged)
+            row['test_trained'] = ' '.join(self.flagged)
         learn.history.append(row)
         if self.out is None: return
         self.say(epoch_line(row))
         write_history(learn.history, self.out)
 
-def fmt_lr(lr):
+def guide_lr(lr):
     "An LR as the guide prints it (6 decimals), in scientific notation below 1e-6, where 6 decimals would show 0."
     return f'{lr:.6f}' if lr >= 1e-6 or lr == 0 else f'{lr:.3e}'
 
@@ -98,7 +99,7 @@ def epoch_line(r):
     n, o = r.get('skipped_steps', 0), r.get('overflow_steps', 0)
     skipped = f" | Skipped steps: {n}{f' ({o} fp16 overflows)' if o else ''}" if n else ''
     return (f"Epoch {r['epoch']}: Loss: {r['loss']:.4f} | IoU: {r['iou']:.4f} | Dice: {r['dice']:.4f} | "
-            f"LR: {fmt_lr(r['lr'])} | Stage: {r['stage']} | Time: {r['seconds']:.0f}s{skipped}{epoch_tail(r)}")
+            f"LR: {guide_lr(r['lr'])} | Stage: {r['stage']} | Time: {r['seconds']:.0f}s{skipped}{epoch_tail(r)}")
 
 def write_history(history, out_dir):
     "Write history.csv and curves.png (loss, IoU, Dice, LR over epochs) into `out_dir`."
@@ -361,7 +362,7 @@ def make_learner(run: Run, extra_cbs=()):
                        overflows=last.get('overflow_steps', 0)),
            metrics,  # train loss, validation IoU and Dice
            ProgressCB(None if dist.main else True, say=run.say),  # a bar, or plain lines in logs
-           HistoryCB(plan, out, run.say),  # the epoch line, history.csv, curves.png
+           HistoryCB(plan, out, run.say, run.data.found.test_trained()),  # the epoch line, history.csv, curves.png
            WatchCB(run.say),  # divergence stops; a plateau warns
            StopSignalCB(state, out, metrics, ema, run.say),  # SIGINT/SIGTERM: a resumable save, then stop
            *([CheckpointCB(state, out, ema, run.say)] if out else []),  # best_model.pth, last.pth (rank 0)
