@@ -5,8 +5,7 @@ import cv2, numpy as np, pytest, torch
 import py_sod_metrics as M
 
 CAMO = Path(__file__).resolve().parents[2]/'shared'/'fixtures'/'CAMO-sample'
-TINY = dict(synthetic_n=48, synthetic_size=64, img_size=64, backbone='edgenext_xx_small', pretrained=False, num_experts=3,
-            batch_size=8, num_workers=0, device='cpu')
+from conftest import TINY  # the shared tiny settings
 
 def codseg(*args):
     "Run `python -m codseg ARGS` (one intra-op thread); returns stdout, failing with its output when the exit status is not 0."
@@ -15,25 +14,7 @@ def codseg(*args):
     assert r.returncode == 0, f'codseg {args[0]} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}'
     return r.stdout
 
-@pytest.fixture(scope='module', autouse=True)
-def cache(tmp_path_factory):
-    """A private cache for the synthetic dataset (inherited by subprocesses); one torch thread: these models are tiny, and
-    on a CPU shared with other test processes two spinning OpenMP threads per process run 5-10x slower than one."""
-    old, threads = os.environ.get('CODSEG_CACHE'), torch.get_num_threads()
-    os.environ['CODSEG_CACHE'] = str(tmp_path_factory.mktemp('cache')); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    if old is None: del os.environ['CODSEG_CACHE']
-    else: os.environ['CODSEG_CACHE'] = old
-
-@pytest.fixture(scope='module')
-def ckpt(tmp_path_factory, cache):
-    "A tiny checkpoint: two epochs (one per stage) on the synthetic dataset."
-    from codseg.config import Config
-    from codseg.train import train
-    d = tmp_path_factory.mktemp('run')
-    train(Config(dataset_path='synthetic', epochs=2, stage1_epochs=1, lr=2e-3, checkpoint_dir=str(d), **TINY), say=lambda *a: None)
-    return d/'best_model.pth'
+pytestmark = pytest.mark.usefixtures('private_cache')
 
 def put_pair(img_dir, mask_dir, name, h, w, seed, empty=False):
     "A noisy image of h x w with a darker ellipse, and its mask (0/255; all 0 when `empty`)."

@@ -3,8 +3,7 @@ import os, pickle, subprocess, sys
 from pathlib import Path
 import numpy as np, pytest, torch
 
-TINY = dict(synthetic_n=48, synthetic_size=64, img_size=64, backbone='edgenext_xx_small', pretrained=False, num_experts=3,
-            batch_size=8, num_workers=0, device='cpu')
+from conftest import TINY  # the shared tiny settings
 
 def codseg(*args):
     "Run `python -m codseg ARGS` (one intra-op thread): (exit status, stdout, stderr)."
@@ -12,24 +11,7 @@ def codseg(*args):
     r = subprocess.run([sys.executable, '-m', 'codseg', *map(str, args)], capture_output=True, text=True, env=env)
     return r.returncode, r.stdout, r.stderr
 
-@pytest.fixture(scope='module', autouse=True)
-def cache(tmp_path_factory):
-    "A private cache for the synthetic dataset (inherited by subprocesses); one torch thread."
-    old, threads = os.environ.get('CODSEG_CACHE'), torch.get_num_threads()
-    os.environ['CODSEG_CACHE'] = str(tmp_path_factory.mktemp('cache')); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    if old is None: del os.environ['CODSEG_CACHE']
-    else: os.environ['CODSEG_CACHE'] = old
-
-@pytest.fixture(scope='module')
-def ckpt(tmp_path_factory, cache):
-    "A tiny checkpoint: two epochs (one per stage) on the synthetic dataset."
-    from codseg.config import Config
-    from codseg.train import train
-    d = tmp_path_factory.mktemp('run')
-    train(Config(dataset_path='synthetic', epochs=2, stage1_epochs=1, lr=2e-3, checkpoint_dir=str(d), **TINY), say=lambda *a: None)
-    return d/'best_model.pth'
+pytestmark = pytest.mark.usefixtures('private_cache')
 
 def test_find_lr_suggestion_within_10x_of_an_lr_that_trains_well():
     """On the synthetic set: the sweep stops once the smoothed loss passes 4x its lowest; the valley and steep LRs lie
