@@ -8,6 +8,7 @@ import argparse, hashlib, json, os, random, re, shutil, sys, tarfile, zipfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from .config import Config, add_args, from_args
 from .image import DataError, FIX, image_size, size_mismatch
@@ -288,11 +289,13 @@ def _token(name: str, pattern: str) -> bool:
     "Whether `pattern` is a whole word (letters-bounded) of folder name `name`."
     return re.search(rf'(?<![a-z])({pattern})(?![a-z])', name.lower()) is not None
 
-def _split_of(parts: list[str], split: str | None) -> str | None:
+def _split_of(parts: list[str], split: str | None,
+              above: int = 0) -> str | None:  # the last `above` names are the root's own: whole words only
     "The split the folder names `parts` (deepest first) say, unless `split` is already known."
     if split: return split
-    for p in parts:
-        hits = [s for s, pat in _TOKENS.items() if _token(p, pat)]
+    for i, p in enumerate(parts):
+        said = (lambda pat: re.fullmatch(pat, p.lower())) if i >= len(parts) - above else partial(_token, p)
+        hits = [s for s, pat in _TOKENS.items() if said(pat)]
         if len(hits) == 1: return hits[0]
     return None
 
@@ -475,7 +478,7 @@ def _sets_under(base: Path, above: list[str], pr: _Pairer, include_noncam: bool,
         for im, gt, split in _units(d):
             used.update((im, gt))
             pairs = pr.pair(im, gt)
-            name, rec, why = _describe(parts, _split_of(parts, split), pairs)
+            name, rec, why = _describe(parts, _split_of(parts, split, len(above)), pairs)
             _add(sets, _protocol(DataSet(name, pairs, d, split, rec, reason=why), include_noncam, pr), problems)
 
 def _collect(found: Found):

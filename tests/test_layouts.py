@@ -239,6 +239,17 @@ def test_names_by_token_not_by_substring(tmp_path, capsys):
     assert rc == 0 and roles(js) == {'camouflage-photos': 'train', 'COD10K-train': 'train', 'COD10K': 'test'}, js
 
 
+def test_the_roots_own_name_says_a_split_only_as_a_whole_word(tmp_path, capsys):
+    "A --dataset-path folder named like 'test_run0' (pytest's, a notebook's) is no Test split; one named 'Test' is."
+    for name, role in (('test_run0', 'train'), ('my-test-copy', 'train'), ('Test', 'test'), ('testing', 'test')):
+        top = tmp_path/name
+        plain(top/'birds', 3, 'b')
+        plain(top/'fish', 2, 'f')
+        rc, js = check(capsys, '--dataset-path', top)
+        assert set(roles(js).values()) == {role}, (name, js['roles'])
+        assert rc == (0 if role == 'train' else 1), (name, rc)  # only test sets: nothing to train on
+
+
 def test_val_path_folder_that_does_not_exist(session, capsys):
     rc, js = check(capsys, '--dataset-path', session, '--val-path', session/'nope'/'CAMO-V.1.0')
     assert rc == 1 and any("nope/CAMO-V.1.0' does not exist" in p for p in js['problems']), js
