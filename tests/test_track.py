@@ -187,3 +187,19 @@ def test_pretrained_path_auto_finds_kaggle_model_weights(tmp_path, monkeypatch, 
     monkeypatch.setattr(M, 'KAGGLE_INPUT', str(tmp_path/'empty'))
     with pytest.raises(FileNotFoundError, match='looked for'):
         M.build_model(Config(backbone='edgenext_xx_small', num_experts=3, pretrained_path='auto'))
+
+def test_panel_shows_the_same_validation_items_every_epoch(tmp_path):
+    "The prediction panel's images are evenly spaced plain validation items, the same ones in every epoch."
+    from codseg.track import PanelCB, panel_indices
+    seen = []
+    class Spy:  # a callback: the panel's inputs at the end of each epoch
+        order = 99
+        def after_epoch(self, learn):
+            p = next(cb for cb in learn.cbs if isinstance(cb, PanelCB))
+            val = learn.valid_dl.dataset
+            want = [val[i] for i in panel_indices(len(val))]
+            assert p.names == [b['name'] for b in want]
+            assert torch.equal(p.x, torch.stack([b['image'] for b in want]))
+            seen.append((p.x.clone(), p.images.copy()))
+    train(Config(**{**TINY, 'epochs': 2}, checkpoint_dir=str(tmp_path/'ck')), callbacks=[Spy()], **QUIET)
+    assert len(seen) == 2 and torch.equal(seen[0][0], seen[1][0]) and np.array_equal(seen[0][1], seen[1][1])
