@@ -203,3 +203,16 @@ def test_panel_shows_the_same_validation_items_every_epoch(tmp_path):
             seen.append((p.x.clone(), p.images.copy()))
     train(Config(**{**TINY, 'epochs': 2}, checkpoint_dir=str(tmp_path/'ck')), callbacks=[Spy()], **QUIET)
     assert len(seen) == 2 and torch.equal(seen[0][0], seen[1][0]) and np.array_equal(seen[0][1], seen[1][1])
+
+def test_pretrained_path_auto_skips_a_longer_timm_name(tmp_path):
+    "--pretrained-path auto for edgenext_small never takes edgenext_small_rw's weights (another timm model), tags aside."
+    from codseg.model import find_kaggle_weights
+    root = tmp_path/'input'
+    def put(rel):
+        (root/rel).parent.mkdir(parents=True, exist_ok=True); (root/rel).write_bytes(b'')
+        return root/rel
+    put('models/timm/edgenext/pytorch/edgenext_small_rw/1/model.safetensors')
+    with pytest.raises(FileNotFoundError, match='looked for'): find_kaggle_weights('edgenext_small', root, say=print)
+    ours = put('models/timm/edgenext/pytorch/edgenext_small.usi_in1k/1/model.safetensors')
+    assert find_kaggle_weights('edgenext_small', root, say=print) == ours
+    assert find_kaggle_weights('edgenext_small_rw', root, say=print).parts[-3] == 'edgenext_small_rw'
