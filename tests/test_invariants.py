@@ -123,6 +123,7 @@ def test_mid_epoch_resume_equals_uninterrupted(tmp_path, monkeypatch):
         r = train(Config(checkpoint_dir=str(tmp_path/'b'), **RUN), say=quiet)
     mid = torch.load(tmp_path/'b'/'last.pth', weights_only=True)
     assert r['stopped'] == 'signal' and mid['epoch'] == 1 and 0 < mid['batch'], (r['stopped'], mid['epoch'], mid['batch'])
+    assert mid['global_step'] == 5  # steps 0..4 taken: the next optimizer step is 5
     train(Config(checkpoint_dir=str(tmp_path/'b'), resume_from='auto', **RUN), say=quiet)
     a, b = (torch.load(tmp_path/d/'last.pth', weights_only=True) for d in 'ab')
     assert a['global_step'] == b['global_step'] and (a['epoch'], a['batch']) == (b['epoch'], b['batch']) == (3, 0)
@@ -261,4 +262,26 @@ def test_ema_starts_from_the_trained_weights(tmp_path, monkeypatch):
     r = train(Config(checkpoint_dir=str(tmp_path), **{**RUN, 'ema_decay': 0.999}), say=quiet)
     ck = torch.load(tmp_path/'last.pth', weights_only=True)
     assert r['stopped'] == 'signal' and ck['ema'] is not None
+    assert ck['global_step'] == 1 and (ck['epoch'], ck['batch']) == (0, 2)  # one step (2 batches at accumulation 2) done
     same_state({k.removeprefix('module.'): v for k, v in ck['ema'].items()}, ck['model'], 'ema')  # timm's EMA wraps the model
+
+# ---------------------------------------------------------------- session end: workers and exit status
+
+def test_worker_start_leaves_group_signals_to_the_main_process():
+    "A DataLoader worker (quiet_worker, as make_learner installs it) leaves its parent's process group and ignores SIGINT."
+    import subprocess, sys
+    code = ("import os, signal\nfrom codseg.train import quiet_worker\nseen = []\n"
+            "quiet_worker(seen.append, 3)\n"
+            "print(os.getpgid(0) == os.getpid() != os.getppid(), signal.getsignal(signal.SIGINT) is signal.SIG_IGN, seen)")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120, start_new_session=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split('\n')[-2] == 'True True [3]', r.stdout
+
+@pytest.mark.parametrize('signum', [2, 15])
+def test_exit_status_after_a_signal_stop_is_128_plus_n(monkeypatch, signum):
+    "`codseg train` stopped by signal N (after its resumable save) exits 128+N; a finished run exits 0."
+    import codseg.train as T
+    monkeypatch.setattr(T, 'train', lambda cfg, **k: {'signal': signum, 'stopped': 'signal'})
+    assert T.train_cli(['--dataset-path', 'synthetic']) == 128 + signum
+    monkeypatch.setattr(T, 'train', lambda cfg, **k: {'signal': 0, 'stopped': None})
+    assert T.train_cli(['--dataset-path', 'synthetic']) == 0

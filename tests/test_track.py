@@ -187,3 +187,32 @@ def test_pretrained_path_auto_finds_kaggle_model_weights(tmp_path, monkeypatch, 
     monkeypatch.setattr(M, 'KAGGLE_INPUT', str(tmp_path/'empty'))
     with pytest.raises(FileNotFoundError, match='looked for'):
         M.build_model(Config(backbone='edgenext_xx_small', num_experts=3, pretrained_path='auto'))
+
+def test_panel_shows_the_same_validation_items_every_epoch(tmp_path):
+    "The prediction panel's images are evenly spaced plain validation items, the same ones in every epoch."
+    from codseg.track import PanelCB, panel_indices
+    seen = []
+    class Spy:  # a callback: the panel's inputs at the end of each epoch
+        order = 99
+        def after_epoch(self, learn):
+            p = next(cb for cb in learn.cbs if isinstance(cb, PanelCB))
+            val = learn.valid_dl.dataset
+            want = [val[i] for i in panel_indices(len(val))]
+            assert p.names == [b['name'] for b in want]
+            assert torch.equal(p.x, torch.stack([b['image'] for b in want]))
+            seen.append((p.x.clone(), p.images.copy()))
+    train(Config(**{**TINY, 'epochs': 2}, checkpoint_dir=str(tmp_path/'ck')), callbacks=[Spy()], **QUIET)
+    assert len(seen) == 2 and torch.equal(seen[0][0], seen[1][0]) and np.array_equal(seen[0][1], seen[1][1])
+
+def test_pretrained_path_auto_skips_a_longer_timm_name(tmp_path):
+    "--pretrained-path auto for edgenext_small never takes edgenext_small_rw's weights (another timm model), tags aside."
+    from codseg.model import find_kaggle_weights
+    root = tmp_path/'input'
+    def put(rel):
+        (root/rel).parent.mkdir(parents=True, exist_ok=True); (root/rel).write_bytes(b'')
+        return root/rel
+    put('models/timm/edgenext/pytorch/edgenext_small_rw/1/model.safetensors')
+    with pytest.raises(FileNotFoundError, match='looked for'): find_kaggle_weights('edgenext_small', root, say=print)
+    ours = put('models/timm/edgenext/pytorch/edgenext_small.usi_in1k/1/model.safetensors')
+    assert find_kaggle_weights('edgenext_small', root, say=print) == ours
+    assert find_kaggle_weights('edgenext_small_rw', root, say=print).parts[-3] == 'edgenext_small_rw'
