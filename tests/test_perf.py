@@ -165,11 +165,12 @@ def test_memory_benchmark_smoke():
     assert re.fullmatch(r'grad checkpointing memory \(edgenext_xx_small, batch 1\): \d+\.\d\dx', out.stdout.strip().splitlines()[-1])
 
 
-def test_trainer_overhead_benchmark_runs(capsys):
+def test_trainer_overhead_keeps_a_floor(capsys):
+    "At most one host read per step, and the learner within 3x of a bare loop (it measures 0.95-1.0x: a 10x slip fails)."
     import trainer_overhead
     trainer_overhead.main(['--img-size', '64', '--batch', '2', '--batches', '2', '--repeats', '1', '--device', 'cpu'])
-    m = re.fullmatch(r'trainer overhead: \d+\.\d+x \(host reads per step: (\d+\.\d+)\)', last_line(capsys))
-    assert m and float(m[1]) <= 1.0, m
+    m = re.fullmatch(r'trainer overhead: (\d+\.\d+)x \(host reads per step: (\d+\.\d+)\)', last_line(capsys))
+    assert m and float(m[2]) <= 1.0 and float(m[1]) >= 0.33, m
 
 
 FORK_SCRIPT = '''
