@@ -253,7 +253,9 @@ def all_reduce_sum(t):
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dev = 'cuda' if dist.get_backend() == 'nccl' else 'cpu'
-        u = t.to(dev); dist.all_reduce(u); return u.to(t.device)
+        u = t.to(dev)
+        dist.all_reduce(u)
+        return u.to(t.device)
     return t
 
 class MetricsCB(Callback):
@@ -270,9 +272,12 @@ class MetricsCB(Callback):
             n = learn.loss.new_tensor(len(learn.batch['mask']), dtype=torch.float64)
             self.val_sum = self.val_sum + torch.stack([learn.loss.detach().double() * n, n])
             return self.meter.update(learn.preds['logits'].float(), learn.batch['mask'])
-        l = learn.loss.detach().double(); ok = torch.isfinite(l)
+        l = learn.loss.detach().double()
+        ok = torch.isfinite(l)
         self.loss_sum += torch.stack([torch.where(ok, l, 0.0), ok.double(), (~ok).double()])
-    def before_validate(self, learn): self.meter.reset(); self.val_sum = torch.zeros(2, dtype=torch.float64, device=learn.device)
+    def before_validate(self, learn):
+        self.meter.reset()
+        self.val_sum = torch.zeros(2, dtype=torch.float64, device=learn.device)
     def after_validate(self, learn):
         s = all_reduce_sum(self.loss_sum.clone()).tolist()
         self.meter.sums, v = all_reduce_sum(self.meter.sums), all_reduce_sum(self.val_sum).tolist()

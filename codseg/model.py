@@ -180,7 +180,8 @@ class CueExperts(nn.Module):
 
     def look(self, x: torch.Tensor, idx: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
         "Each (image, chosen expert) pair's view of `x` (B,C,H,W) through its `kernels` (B*k,C,3,3); idx (B,k): (B*k, H*W, C)."
-        B, C, H, W = x.shape; n, e = idx.numel(), idx.flatten()
+        B, C, H, W = x.shape
+        n, e = idx.numel(), idx.flatten()
         (ch, cw), at = dilation_canvas(H, W, self.dilations, x.device)
         at = (at.index_select(0, e) * n + torch.arange(n, device=x.device)[:, None]).flatten()  # canvas row per pixel
         px = x.permute(0, 2, 3, 1)[:, None].expand(B, idx.shape[1], H, W, C).reshape(-1, C)    # each pair's pixels

@@ -140,7 +140,9 @@ def adopt_logs(src_dir, out_dir, names=('tensorboard', 'predictions')):
     src, out, done = Path(src_dir), Path(out_dir), []
     if src.resolve() == out.resolve(): return done
     for n in names:
-        if (src/n).is_dir() and not (out/n).exists(): shutil.copytree(src/n, out/n); done.append(n)
+        if (src/n).is_dir() and not (out/n).exists():
+            shutil.copytree(src/n, out/n)
+            done.append(n)
     return done
 
 def make_loggers(names, out_dir, config: dict, resume: dict | None = None, step: int = 0, src_dir=None, say=print) -> list:
@@ -158,14 +160,17 @@ def make_loggers(names, out_dir, config: dict, resume: dict | None = None, step:
 def figure_array(fig) -> np.ndarray:
     "The RGB (H, W, 3) uint8 pixels of matplotlib figure `fig`."
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    canvas = FigureCanvasAgg(fig); canvas.draw()
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 def plan_figure(plan):
     "A figure of the LR plan (both groups), drawn without pyplot."
     from matplotlib.figure import Figure
     from codseg.preview import plot_plan
-    fig = Figure(figsize=(8, 3.2)); plot_plan(plan, fig.subplots()); fig.tight_layout()
+    fig = Figure(figsize=(8, 3.2))
+    plot_plan(plan, fig.subplots())
+    fig.tight_layout()
     return fig
 
 EPOCH_TAGS = {'loss': 'train/epoch_loss', 'val_loss': 'val/loss', 'iou': 'val/iou', 'dice': 'val/dice',
@@ -192,7 +197,8 @@ class TrackCB(Callback):
     def after_step(self, learn):
         if self.acc is None: return
         lrs = {f"lr/{g.get('kind', 'decoder')}": g['lr'] for g in learn.opt.param_groups}
-        self.buf.append((learn.step_idx, self.acc / self.n, lrs)); self.acc, self.n = None, 0
+        self.buf.append((learn.step_idx, self.acc / self.n, lrs))
+        self.acc, self.n = None, 0
     after_cancel_step = after_step
     def flush(self):
         "Read the buffered step losses (one host read) and log them."
@@ -207,10 +213,14 @@ class TrackCB(Callback):
         self.flush()
         row = learn.history[-1]
         self._all('scalars', {t: row[k] for k, t in EPOCH_TAGS.items() if k in row}, learn.step_idx - 1)
-        self.flush_images(); self._all('flush')
+        self.flush_images()
+        self._all('flush')
     def cleanup_fit(self, learn):
         "Log what is left and close the loggers, however the fit ends (a stop, an error)."
-        self.flush(); self.flush_images(); self._all('close'); self.loggers = []
+        self.flush()
+        self.flush_images()
+        self._all('close')
+        self.loggers = []
 
 # %% ../nbs/14_track.ipynb #7db795ef
 PANEL_N = 4  # images in the prediction panel
@@ -239,7 +249,9 @@ def panel_figure(images, truths, probs, names, title=''):
         pred = (p * 255).round().astype(np.uint8)
         for ax, a, t in zip(row, (img, (gt * 255).astype(np.uint8), outlines(pred, p > 0.5, gt > 0.5)),
                             (str(name), 'ground truth', f'prediction (IoU {iou:.3f})')):
-            ax.imshow(a, cmap='gray', vmin=0, vmax=255); ax.set_title(t, fontsize=8); ax.axis('off')
+            ax.imshow(a, cmap='gray', vmin=0, vmax=255)
+            ax.set_title(t, fontsize=8)
+            ax.axis('off')
     if title: fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
@@ -278,7 +290,8 @@ class PanelCB(Callback):
         fig = panel_figure(self.images, self.masks, self.predict(learn), self.names, f'epoch {e}')
         self.out.mkdir(parents=True, exist_ok=True)
         path, tmp = self.out/f'epoch_{e:03d}.png', self.out/f'.epoch_{e:03d}.tmp.png'
-        fig.savefig(tmp, dpi=72); os.replace(tmp, path)
+        fig.savefig(tmp, dpi=72)
+        os.replace(tmp, path)
         if self.send is not None: self.send('predictions', figure_array(fig), learn.step_idx - 1)
         self.saved = e
         return path
@@ -308,7 +321,8 @@ class LiveView:
         self.out, self.every, self.seen = Path(out_dir), every, {}
         self.handles = {k: display(f'{k}: waiting for the first epoch', display_id=True) for k in ('curves', 'panel')}
         self.done = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True); self.thread.start()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
     def files(self) -> dict:
         return {'curves': self.out/'curves.png', 'panel': max(self.out.glob('predictions/epoch_*.png'), default=None)}
     def update(self):
@@ -317,11 +331,15 @@ class LiveView:
         for k, p in self.files().items():
             if p is None or not p.is_file(): continue
             key = (p.name, p.stat().st_mtime_ns)
-            if self.seen.get(k) != key: self.seen[k] = key; self.handles[k].update(Image(filename=str(p)))
+            if self.seen.get(k) != key:
+                self.seen[k] = key
+                self.handles[k].update(Image(filename=str(p)))
     def _loop(self):
         while not self.done.wait(self.every):
             try: self.update()
             except Exception: pass  # a file being replaced; the next look gets it
     def stop(self):
         "Stop looking, after a last update."
-        self.done.set(); self.thread.join(); self.update()
+        self.done.set()
+        self.thread.join()
+        self.update()

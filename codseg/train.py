@@ -103,12 +103,16 @@ def epoch_line(r):
 
 def write_history(history, out_dir):
     "Write history.csv and curves.png (loss, IoU, Dice, LR over epochs) into `out_dir`."
-    out = Path(out_dir); tmp = out/'.history.csv.tmp'
+    out = Path(out_dir)
+    tmp = out/'.history.csv.tmp'
     with open(tmp, 'w', newline='') as f:
         keys = list(dict.fromkeys(k for r in history for k in r))  # rows of an older version may lack later columns
-        w = csv.DictWriter(f, fieldnames=keys, restval=''); w.writeheader(); w.writerows(history)
+        w = csv.DictWriter(f, fieldnames=keys, restval='')
+        w.writeheader()
+        w.writerows(history)
     tmp.replace(out/'history.csv')
-    plot_history(history).savefig(out/'.curves.tmp.png', dpi=90); (out/'.curves.tmp.png').replace(out/'curves.png')
+    plot_history(history).savefig(out/'.curves.tmp.png', dpi=90)
+    (out/'.curves.tmp.png').replace(out/'curves.png')
 
 # %% ../nbs/10_train.ipynb #53d6dc5f
 def plot_history(history):
