@@ -141,7 +141,8 @@ class Learner:
         self.step_idx += 1
 
     def opt_step(self):
-        "Step through the scaler (it skips inf/NaN gradients, reading them) unless a callback checked (`grads_ok`)."
+        ("Step through the scaler (it skips inf/NaN gradients, reading them) unless a callback checked "
+         "(`grads_ok`).")
         if self.grads_ok: self.opt.step()
         else: self.scaler.step(self.opt)
         self.scaler.update()
@@ -158,7 +159,8 @@ class LRPlanCB(Callback):
 _DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': None}
 
 def pick_precision(device, asked='auto'):
-    "(autocast dtype or None, why) on `device` for `--precision asked`: bf16 only where native (capability >= 8.0)."
+    ("(autocast dtype or None, why) on `device` for `--precision asked`: bf16 only where native (capability >= "
+     "8.0).")
     device = torch.device(device)
     if asked not in ('auto', *_DTYPES): raise ValueError(f'--precision {asked}: choose auto, bf16, fp16 or fp32')
     if asked == 'fp32': return None, 'fp32 (asked for: --precision fp32 or --no-amp)'
@@ -180,7 +182,8 @@ def amp_dtype(device, enabled=True):
     return pick_precision(device, 'auto' if enabled else 'fp32')[0]
 
 class AMPCB(Callback):
-    "Autocast the forward pass to `dtype`; for fp16 an enabled grad scaler (its state resumed from `scaler_state`)."
+    ("Autocast the forward pass to `dtype`; for fp16 an enabled grad scaler (its state resumed from "
+     "`scaler_state`).")
     order = -10
     def __init__(self, dtype, scaler_state=None): self.dtype, self.state = dtype, scaler_state
     def before_fit(self, learn):
@@ -259,13 +262,16 @@ def all_reduce_sum(t):
     return t
 
 class MetricsCB(Callback):
-    "Track the mean train loss (finite batches; the non-finite share apart) and validation metrics in `learn.metrics`."
+    ("Track the mean train loss (finite batches; the non-finite share apart) and validation metrics in "
+     "`learn.metrics`.")
     order = 5  # before GradGuardCB
-    def __init__(self, meter, loss_sum=None):  # loss_sum: [sum, finite count, non-finite count] carried into a resumed epoch
+    # loss_sum: [sum, finite count, non-finite count] carried into a resumed epoch
+    def __init__(self, meter, loss_sum=None):
         self.meter, self.carry = meter, loss_sum
     def before_train(self, learn):
         s = self.carry if self.carry is not None else torch.zeros(3, dtype=torch.float64)
-        self.loss_sum = learn.loss_sum = s.to(learn.device, torch.float64)  # summed on the device: no read per batch
+        # summed on the device: no read per batch
+        self.loss_sum = learn.loss_sum = s.to(learn.device, torch.float64)
         self.carry = None
     def after_loss(self, learn):
         if not learn.training:  # the validation loss, weighted by batch size, summed on the device

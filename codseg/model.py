@@ -21,7 +21,8 @@ GN_GROUPS = 8  # GroupNorm groups in the decoder
 
 def conv_gn(cin: int, cout: int, k: int) -> nn.Sequential:
     "Conv k x k (same padding, no bias) -> GroupNorm -> GELU."
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.GroupNorm(GN_GROUPS, cout), nn.GELU())
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False),
+                         nn.GroupNorm(GN_GROUPS, cout), nn.GELU())
 
 def upsample_to(x: torch.Tensor, ref) -> torch.Tensor:
     "Bilinearly resize `x` to the spatial size of tensor `ref` (or to an (H, W) size)."
@@ -82,12 +83,15 @@ def find_kaggle_weights(name: str, root=None, say=print) -> Path:
 def _unknown_backbone(name: str) -> ValueError:
     "The error for a name timm does not know, with similar names."
     like = timm.list_models(f"*{name.split('_')[0]}*")[:10]
-    return ValueError(f"--backbone {name}: timm has no such model" + (f"; similar: {', '.join(like)}" if like else ''))
+    return ValueError(f"--backbone {name}: timm has no such model" + (f"; similar: "
+                                                                      f"{', '.join(like)}" if like else ''))
 
 def _read_backbone_state(path: Path) -> dict:
     "The state dict in `path` (a codseg checkpoint gives its `backbone.` entries)."
     try: sd = timm.models.load_state_dict(str(path))
-    except Exception as e: raise RuntimeError(f'--pretrained-path {path}: not a readable weights file ({type(e).__name__}: {e})') from e
+    except Exception as e:
+        raise RuntimeError(f'--pretrained-path {path}: not a readable weights file ({type(e).__name__}: '
+                           f'{e})') from e
     inner = {k[len('backbone.'):]: v for k, v in sd.items() if k.startswith('backbone.')}
     return inner or sd
 
@@ -96,7 +100,9 @@ def _backbone_from_file(name: str, path: Path) -> nn.Module:
     if not path.is_file():
         raise FileNotFoundError(f'--pretrained-path {path}: no such file. Give the weights file of {name} '
                                 f'(e.g. model.safetensors from hf.co/timm), or --no-pretrained for random init.')
-    try: return timm.create_model(name, features_only=True, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    try:
+        return timm.create_model(name, features_only=True, pretrained=True,
+                                 pretrained_cfg_overlay=dict(file=str(path)))
     except Exception as e: hub_err = e
     net = timm.create_model(name, features_only=True, pretrained=False)
     try: net.load_state_dict(_read_backbone_state(path))
@@ -107,7 +113,8 @@ def _backbone_from_file(name: str, path: Path) -> nn.Module:
     return net
 
 def create_backbone(name: str, pretrained: bool, pretrained_path=None, kaggle_input=None) -> nn.Module:
-    "A timm `features_only` backbone: weights from `pretrained_path` if given ('auto': Kaggle Models), else the hub if `pretrained`."
+    ("A timm `features_only` backbone: weights from `pretrained_path` if given ('auto': Kaggle Models), else the "
+     "hub if `pretrained`.")
     if not timm.is_model(name): raise _unknown_backbone(name)
     if pretrained_path == 'auto':  # without `pretrained` (a resumed run) the weights come from the checkpoint
         pretrained_path = find_kaggle_weights(name, kaggle_input) if pretrained else None
@@ -115,7 +122,8 @@ def create_backbone(name: str, pretrained: bool, pretrained_path=None, kaggle_in
     if not pretrained: return timm.create_model(name, features_only=True, pretrained=False)
     try: return timm.create_model(name, features_only=True, pretrained=True)
     except Exception as e:
-        raise RuntimeError(f"could not get ImageNet weights for backbone '{name}' from the timm hub ({type(e).__name__}: "
+        raise RuntimeError(f"could not get ImageNet weights for backbone '{name}' from the timm hub "
+                           f"({type(e).__name__}: "
                            f"{str(e)[:300]}). Offline (e.g. a Kaggle session without internet)? Pass --pretrained-path "
                            f"FILE (the weights file of '{name}', e.g. model.safetensors from hf.co/timm, added as a "
                            f"Kaggle dataset), or --no-pretrained to train from random init.") from e
@@ -134,7 +142,8 @@ def phase_lines(n: int, d: int) -> list[int]:
 
 @lru_cache(maxsize=64)
 def dilation_canvas(h: int, w: int, dilations: tuple, device: torch.device) -> tuple:
-    "Canvas size (ch, cw) for an h x w map at each of `dilations`, and each pixel's canvas position, (len(dilations), h*w)."
+    ("Canvas size (ch, cw) for an h x w map at each of `dilations`, and each pixel's canvas position, "
+     "(len(dilations), h*w).")
     lines = [(torch.tensor(phase_lines(h, d)), torch.tensor(phase_lines(w, d))) for d in dilations]
     ch, cw = max(len(r) for r, _ in lines), max(len(c) for _, c in lines)
     at = torch.empty(len(dilations), h * w, dtype=torch.long)
@@ -152,7 +161,8 @@ class CueExperts(nn.Module):
         self.cues, dilations = zip(*expert_views(E))
         self.dilations = tuple(dilations)
         self.register_buffer('zero_sum', torch.tensor([c == 'texture' for c in self.cues]), persistent=False)
-        self.view = nn.Parameter(torch.empty(E, C, 3, 3).uniform_(-1 / 3, 1 / 3))  # as nn.Conv2d starts a depthwise 3x3
+        # as nn.Conv2d starts a depthwise 3x3
+        self.view = nn.Parameter(torch.empty(E, C, 3, 3).uniform_(-1 / 3, 1 / 3))
         self.mix1 = nn.Parameter(torch.randn(E, C, C) / math.sqrt(C))
         self.mix2 = nn.Parameter(torch.randn(E, C, C) * 0.02)  # small: the block starts close to identity
         self.bias1, self.bias2 = nn.Parameter(torch.zeros(E, C)), nn.Parameter(torch.zeros(E, C))
@@ -161,7 +171,8 @@ class CueExperts(nn.Module):
 
     def kernels(self) -> torch.Tensor:
         "Each expert's 3x3 kernels, (E, C, 3, 3); the texture experts' made to sum to zero."
-        return torch.where(self.zero_sum[:, None, None, None], self.view - self.view.mean((-2, -1), keepdim=True), self.view)
+        return torch.where(self.zero_sum[:, None, None, None],
+                           self.view - self.view.mean((-2, -1), keepdim=True), self.view)
 
     def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         "Expert `e` on `x`, written out plainly."
@@ -172,18 +183,21 @@ class CueExperts(nn.Module):
         return F.conv2d(y, self.mix2[e][..., None, None], self.bias2[e])
 
     def pair_weights(self, e: torch.Tensor) -> list:
-        "Each pair's copy of its expert's kernels (n,C,3,3), mix1, bias1, mix2, bias2, for expert ids `e` (n,), in one gather."
+        ("Each pair's copy of its expert's kernels (n,C,3,3), mix1, bias1, mix2, bias2, for expert ids `e` (n,), "
+         "in one gather.")
         E, C = self.view.shape[:2]
         ws = (self.kernels(), self.mix1, self.bias1, self.mix2, self.bias2)
         per_pair = torch.cat([w.reshape(E, -1) for w in ws], 1).index_select(0, e)
         return [p.view(-1, *w.shape[1:]) for p, w in zip(per_pair.split([w[0].numel() for w in ws], 1), ws)]
 
     def look(self, x: torch.Tensor, idx: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-        "Each (image, chosen expert) pair's view of `x` (B,C,H,W) through its `kernels` (B*k,C,3,3); idx (B,k): (B*k, H*W, C)."
+        ("Each (image, chosen expert) pair's view of `x` (B,C,H,W) through its `kernels` (B*k,C,3,3); idx (B,k): "
+         "(B*k, H*W, C).")
         B, C, H, W = x.shape
         n, e = idx.numel(), idx.flatten()
         (ch, cw), at = dilation_canvas(H, W, self.dilations, x.device)
-        at = (at.index_select(0, e) * n + torch.arange(n, device=x.device)[:, None]).flatten()  # canvas row per pixel
+        # canvas row per pixel
+        at = (at.index_select(0, e) * n + torch.arange(n, device=x.device)[:, None]).flatten()
         px = x.permute(0, 2, 3, 1)[:, None].expand(B, idx.shape[1], H, W, C).reshape(-1, C)    # each pair's pixels
         canvas = x.new_zeros(ch * cw * n, C).index_copy_(0, at, px).view(1, ch, cw, n * C).permute(0, 3, 1, 2)
         y = F.conv2d(canvas, kernels.reshape(n * C, 1, 3, 3), padding=1, groups=n * C)
@@ -197,7 +211,8 @@ class CueExperts(nn.Module):
         y = F.group_norm(y.view(-1, H, W, C).permute(0, 3, 1, 2), GN_GROUPS).permute(0, 2, 3, 1).reshape(y.shape)
         y = torch.baddbmm(bias1[:, None], y, mix1.transpose(1, 2))
         y = torch.baddbmm(bias2[:, None], F.gelu(y), mix2.transpose(1, 2))
-        y = torch.bmm(gates.view(B, 1, k).to(y.dtype), y.view(B, k, H * W * C))       # gated sum over each image's picks
+        # gated sum over each image's picks
+        y = torch.bmm(gates.view(B, 1, k).to(y.dtype), y.view(B, k, H * W * C))
         return y.view(B, H, W, C).permute(0, 3, 1, 2)
 
 # %% ../nbs/04_model.ipynb #c49900d2
@@ -205,7 +220,8 @@ class Router(nn.Module):
     "Image-level top-k router: (gates (B,k) summing to 1, expert ids (B,k), balance loss)."
     def __init__(self, channels: int, num_experts: int, top_k: int):
         super().__init__()
-        if not 1 <= top_k <= num_experts: raise ValueError(f'--top-k {top_k} must be between 1 and --num-experts ({num_experts})')
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f'--top-k {top_k} must be between 1 and --num-experts ({num_experts})')
         self.proj, self.top_k = nn.Linear(channels, num_experts), top_k
 
     def forward(self, x: torch.Tensor):
@@ -217,7 +233,8 @@ class Router(nn.Module):
         return top.softmax(1), idx, balance
 
 class CueMoE(nn.Module):
-    "Mixture of camouflage-cue experts with top-k routing per image; returns (x + mixed expert outputs, balance loss)."
+    ("Mixture of camouflage-cue experts with top-k routing per image; returns (x + mixed expert outputs, balance "
+     "loss).")
     def __init__(self, channels: int, num_experts: int, top_k: int):
         super().__init__()
         self.router, self.experts = Router(channels, num_experts, top_k), CueExperts(channels, num_experts)
@@ -227,7 +244,8 @@ class CueMoE(nn.Module):
         return x + self.experts(x, idx, gates).to(x.dtype), balance
 
     def forward_per_sample(self, x: torch.Tensor):
-        "The same experts applied in a loop over images and their top-k picks, each written out plainly (reference and benchmark)."
+        ("The same experts applied in a loop over images and their top-k picks, each written out plainly "
+         "(reference and benchmark).")
         gates, idx, balance = self.router(x)
         out = [x[b:b + 1] + sum(gates[b, j] * self.experts.expert(x[b:b + 1], e) for j, e in enumerate(idx[b].tolist()))
                for b in range(x.shape[0])]

@@ -17,7 +17,8 @@ __all__ = ['MONITORS', 'FIELD', 'LABELS', 'HISTORY_EXTRA', 'EPOCH_TAGS', 'PANEL_
            'panel_figure', 'PanelCB', 'track_callbacks', 'LiveView']
 
 # %% ../nbs/14_track.ipynb #39564ec1
-MONITORS = {'iou': ('iou', max), 'smeasure': ('sm', max), 'mae': ('mae', min), 'wfmeasure': ('wfm', max)}  # history key, better
+# history key, better
+MONITORS = {'iou': ('iou', max), 'smeasure': ('sm', max), 'mae': ('mae', min), 'wfmeasure': ('wfm', max)}
 FIELD = ('sm', 'mae', 'wfm')  # history keys of the field measures
 LABELS = {'iou': 'IoU', 'sm': 'Sm', 'mae': 'MAE', 'wfm': 'wFm'}
 
@@ -37,7 +38,9 @@ def best_so_far(ckpt: dict | None, monitor: str) -> tuple:
     if not ckpt: return None, 0
     epoch = ckpt.get('best_epoch', 0)
     if ckpt.get('monitor', 'iou') == monitor and 'best_score' in ckpt: return ckpt['best_score'], epoch
-    if monitor == 'iou' and 'monitor' not in ckpt: return ckpt.get('best_iou'), epoch  # a checkpoint from before --monitor
+    # a checkpoint from before --monitor
+    if monitor == 'iou' and 'monitor' not in ckpt:
+        return ckpt.get('best_iou'), epoch
     row = next((r for r in ckpt.get('history', ()) if r['epoch'] == epoch), {})
     return row.get(monitor_key(monitor)), epoch
 
@@ -52,7 +55,8 @@ HISTORY_EXTRA = ('val_loss', *FIELD)  # history columns tracking adds, when the 
 
 def epoch_tail(r: dict) -> str:
     "What the epoch line shows after its other fields: the validation loss and any field measures of row `r`."
-    return ''.join(f' | {name}: {r[k]:.4f}' for k, name in (('val_loss', 'Val loss'), *((f, LABELS[f]) for f in FIELD))
+    return ''.join(f' | {name}: '
+                   f'{r[k]:.4f}' for k, name in (('val_loss', 'Val loss'), *((f, LABELS[f]) for f in FIELD))
                    if k in r)
 
 # %% ../nbs/14_track.ipynb #aeabadfb
@@ -89,11 +93,13 @@ class FieldMetricsCB(Callback):
 
 # %% ../nbs/14_track.ipynb #754c002f
 class TBLogger:
-    "TensorBoard event files in `folder` (torch.utils.tensorboard); `purge_step` hides earlier sessions' events from there on."
+    ("TensorBoard event files in `folder` (torch.utils.tensorboard); `purge_step` hides earlier sessions' events "
+     "from there on.")
     def __init__(self, folder, purge_step=None):
         try: from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
-            raise ValueError(f'--logger tensorboard needs the tensorboard package ({e}): pip install tensorboard') from None
+            raise ValueError(f'--logger tensorboard needs the tensorboard package ({e}): pip install '
+                             f'tensorboard') from None
         self.w = SummaryWriter(str(folder), purge_step=purge_step)
     def scalars(self, d: dict, step: int):
         for k, v in d.items(): self.w.add_scalar(k, v, step)
@@ -117,14 +123,16 @@ class WandbLogger:
     def __init__(self, folder, config: dict, run_id=None, say=print):
         try: import wandb
         except ImportError:
-            raise ValueError('--logger wandb needs the wandb package: pip install codseg[wandb] (or pip install wandb)') from None
+            raise ValueError('--logger wandb needs the wandb package: pip install codseg[wandb] (or pip install '
+                             'wandb)') from None
         mode, key = os.environ.get('WANDB_MODE'), wandb_key()
         if key: os.environ['WANDB_API_KEY'] = key
         elif mode not in ('offline', 'disabled', 'dryrun'):
             mode = 'offline'
             say('W&B: no API key (set WANDB_API_KEY, or add it as a Kaggle secret of that name): logging offline')
         self.wandb = wandb
-        self.run = wandb.init(project=os.environ.get('WANDB_PROJECT', 'codseg'), id=run_id, resume='allow' if run_id else None,
+        self.run = wandb.init(project=os.environ.get('WANDB_PROJECT', 'codseg'), id=run_id,
+                              resume='allow' if run_id else None,
                               dir=os.environ.get('WANDB_DIR') or str(folder), config=config, mode=mode, reinit=True)
         say(f'W&B: run {self.run.id} ({"resumed" if run_id else "new"}, {mode or "online"})')
     def scalars(self, d: dict, step: int): self.run.log(dict(d), step=step)
@@ -136,7 +144,8 @@ class WandbLogger:
 
 # %% ../nbs/14_track.ipynb #d8a4658d
 def adopt_logs(src_dir, out_dir, names=('tensorboard', 'predictions')):
-    "Copy folders `names` of a previous session's `src_dir` into `out_dir` when it lacks them; returns those copied."
+    ("Copy folders `names` of a previous session's `src_dir` into `out_dir` when it lacks them; returns those "
+     "copied.")
     src, out, done = Path(src_dir), Path(out_dir), []
     if src.resolve() == out.resolve(): return done
     for n in names:
@@ -145,14 +154,18 @@ def adopt_logs(src_dir, out_dir, names=('tensorboard', 'predictions')):
             done.append(n)
     return done
 
-def make_loggers(names, out_dir, config: dict, resume: dict | None = None, step: int = 0, src_dir=None, say=print) -> list:
-    "The loggers `names` (from `parse_loggers`) writing under `out_dir`; `resume` is the checkpoint a run continues."
+def make_loggers(names, out_dir, config: dict, resume: dict | None = None, step: int = 0,
+                 src_dir=None, say=print) -> list:
+    ("The loggers `names` (from `parse_loggers`) writing under `out_dir`; `resume` is the checkpoint a run "
+     "continues.")
     out = Path(out_dir)
     if resume is not None and src_dir is not None:
-        if copied := adopt_logs(src_dir, out): say(f"copied {', '.join(copied)} from {src_dir}, so this session extends them")
+        if copied := adopt_logs(src_dir, out):
+            say(f"copied {', '.join(copied)} from {src_dir}, so this session extends them")
     saved = (resume or {}).get('track') or {}
     loggers = []
-    if 'tensorboard' in names: loggers.append(TBLogger(out/'tensorboard', purge_step=step if resume is not None else None))
+    if 'tensorboard' in names:
+        loggers.append(TBLogger(out/'tensorboard', purge_step=step if resume is not None else None))
     if 'wandb' in names: loggers.append(WandbLogger(out, config, saved.get('wandb_id'), say))
     return loggers
 
@@ -258,9 +271,11 @@ def panel_figure(images, truths, probs, names, title=''):
 
 # %% ../nbs/14_track.ipynb #f9924695
 class PanelCB(Callback):
-    "Save the prediction panel as predictions/epoch_NNN.png when due and `send(tag, image, step)` it to the loggers."
+    ("Save the prediction panel as predictions/epoch_NNN.png when due and `send(tag, image, step)` it to the "
+     "loggers.")
     order = 85  # after CheckpointCB (80) chose the best, before TrackCB (86) and SessionLimitCB (95)
-    def __init__(self, ds, out_dir, epochs, every=0, best_epoch=lambda: None, send=None, mean=(0.5,) * 3, std=(0.5,) * 3):
+    def __init__(self, ds, out_dir, epochs, every=0, best_epoch=lambda: None, send=None,
+                 mean=(0.5,) * 3, std=(0.5,) * 3):
         self.out, self.epochs, self.every, self.best_epoch, self.send = Path(out_dir), epochs, every, best_epoch, send
         items = [ds[i] for i in panel_indices(len(ds))]
         self.x = torch.stack([b['image'] for b in items])
@@ -277,7 +292,8 @@ class PanelCB(Callback):
         if self.due(e): self.save(learn, e)
         self.first = False
     def after_cancel_fit(self, learn):  # a session limit ended the run after a whole epoch: show where it got to
-        if getattr(learn, 'stopped', None) == 'session limit' and self.saved != learn.epoch + 1: self.save(learn, learn.epoch + 1)
+        if getattr(learn, 'stopped', None) == 'session limit' and self.saved != learn.epoch + 1:
+            self.save(learn, learn.epoch + 1)
     def predict(self, learn) -> np.ndarray:
         "Probabilities (N, H, W) of the validation model for the panel's images."
         model = unwrap(learn.eval_model if learn.eval_model is not None else learn.model)
@@ -298,7 +314,8 @@ class PanelCB(Callback):
 
 # %% ../nbs/14_track.ipynb #ea7efae8
 def track_callbacks(run, state, step: int) -> list:
-    "Tracking's callbacks for trainer `run` (a `codseg.train.Run`) and its `state` (a `RunState`), starting at `step`."
+    ("Tracking's callbacks for trainer `run` (a `codseg.train.Run`) and its `state` (a `RunState`), starting at "
+     "`step`.")
     from codseg.config import to_dict
     cfg = run.cfg
     names, key = parse_loggers(cfg.logger), monitor_key(cfg.monitor)
@@ -309,7 +326,8 @@ def track_callbacks(run, state, step: int) -> list:
     for lg in loggers: state.track.update(lg.state())
     track = TrackCB(loggers, run.plan)
     if len(run.data.val_ds):
-        cbs.append(PanelCB(run.data.val_ds, out/'predictions', run.plan.epochs, cfg.panel_every, lambda: state.best_epoch,
+        cbs.append(PanelCB(run.data.val_ds, out/'predictions', run.plan.epochs, cfg.panel_every,
+                           lambda: state.best_epoch,
                            track.queue_image, run.model.mean, run.model.std))
     return cbs + [track]
 
@@ -319,12 +337,14 @@ class LiveView:
     def __init__(self, out_dir, every: float = 10.0, display=None):  # display: IPython's, or a stand-in for tests
         if display is None: from IPython.display import display
         self.out, self.every, self.seen = Path(out_dir), every, {}
-        self.handles = {k: display(f'{k}: waiting for the first epoch', display_id=True) for k in ('curves', 'panel')}
+        self.handles = {k: display(f'{k}: waiting for the first '
+                                   f'epoch', display_id=True) for k in ('curves', 'panel')}
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
     def files(self) -> dict:
-        return {'curves': self.out/'curves.png', 'panel': max(self.out.glob('predictions/epoch_*.png'), default=None)}
+        return {'curves': self.out/'curves.png',
+                'panel': max(self.out.glob('predictions/epoch_*.png'), default=None)}
     def update(self):
         "Show the files that changed since the last look."
         from IPython.display import Image

@@ -10,7 +10,8 @@ from functools import partial
 from pathlib import Path
 import torch
 from .config import Config, resolve, add_args, from_args, to_dict, from_dict, save_config, DATA, MODEL, PLAN, TRAIN
-from .runtime import (Dist, pick_device, seed_everything, save_atomic, copy_atomic, load_checkpoint, rng_state,
+from .runtime import (Dist, pick_device, seed_everything, save_atomic, copy_atomic, load_checkpoint,
+                            rng_state,
                             set_rng_state, find_resume, check_same_arch, model_state, model_from_checkpoint)
 from .learner import (Learner, Callback, CancelFitException, LRPlanCB, AMPCB, GradGuardCB, EMACB, MetricsCB,
                             ProgressCB, TrainingDiverged, DIVERGE_ADVICE, pick_precision, all_reduce_sum, unwrap)
@@ -106,7 +107,8 @@ def write_history(history, out_dir):
     out = Path(out_dir)
     tmp = out/'.history.csv.tmp'
     with open(tmp, 'w', newline='') as f:
-        keys = list(dict.fromkeys(k for r in history for k in r))  # rows of an older version may lack later columns
+        # rows of an older version may lack later columns
+        keys = list(dict.fromkeys(k for r in history for k in r))
         w = csv.DictWriter(f, fieldnames=keys, restval='')
         w.writeheader()
         w.writerows(history)
@@ -194,7 +196,8 @@ class RunState:
                 'codseg': __import__('codseg').__version__}
 
 class CheckpointCB(Callback):
-    "Write best_model.pth on a better validation measure (--monitor), then last.pth, each atomically, after every epoch."
+    ("Write best_model.pth on a better validation measure (--monitor), then last.pth, each atomically, after "
+     "every epoch.")
     order = 80
     def __init__(self, state, out_dir, ema=None, say=print):
         self.state, self.out, self.ema, self.say = state, Path(out_dir), ema, say
@@ -450,7 +453,8 @@ def validate(checkpoint, device='auto', **overrides) -> dict:
     return meter.compute()
 
 # %% ../nbs/10_train.ipynb #8b72494d
-from .cli import train_parser  # the parser lives in the light codseg.cli: `codseg train --help` imports no torch
+# the parser lives in the light codseg.cli: `codseg train --help` imports no torch
+from .cli import train_parser
 
 def train_cli(argv=None) -> int:
     "Run `codseg train` with flags `argv`; 0 done, 128 + N after a resumable stop by signal N."
