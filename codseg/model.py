@@ -74,9 +74,11 @@ def find_kaggle_weights(name: str, root=None, say=print) -> Path:
     seen = ', '.join(str(f.relative_to(root)) for f in sorted(files)[:5]) or 'none'
     where = root if root.is_dir() else f'{root} (no such folder: not a Kaggle session?)'
     raise FileNotFoundError(
-        f"--pretrained-path auto: no weights of backbone '{name}' under {where}: looked for {', '.join(WEIGHT_EXTS)} files "
-        f"in folders named like {name} (e.g. models/timm/{name.split('_')[0]}/pytorch/{name}/1/model.safetensors); "
-        f"weights files seen: {seen}. Attach the timm model (Kaggle: Add Input > Models), or pass --pretrained-path FILE, "
+        f"--pretrained-path auto: no weights of backbone '{name}' under {where}: "
+        f"looked for {', '.join(WEIGHT_EXTS)} files in folders named like {name} "
+        f"(e.g. models/timm/{name.split('_')[0]}/pytorch/{name}/1/model.safetensors); "
+        f"weights files seen: {seen}. Attach the timm model (Kaggle: Add Input > Models), "
+        f"or pass --pretrained-path FILE, "
         f"or --no-pretrained.")
 
 # %% ../nbs/04_model.ipynb #1f9e861a
@@ -123,9 +125,10 @@ def create_backbone(name: str, pretrained: bool, pretrained_path=None, kaggle_in
     try: return timm.create_model(name, features_only=True, pretrained=True)
     except Exception as e:
         raise RuntimeError(f"could not get ImageNet weights for backbone '{name}' from the timm hub "
-                           f"({type(e).__name__}: "
-                           f"{str(e)[:300]}). Offline (e.g. a Kaggle session without internet)? Pass --pretrained-path "
-                           f"FILE (the weights file of '{name}', e.g. model.safetensors from hf.co/timm, added as a "
+                           f"({type(e).__name__}: {str(e)[:300]}). "
+                           f"Offline (e.g. a Kaggle session without internet)? Pass --pretrained-path "
+                           f"FILE (the weights file of '{name}', e.g. model.safetensors from hf.co/timm, "
+                           f"added as a "
                            f"Kaggle dataset), or --no-pretrained to train from random init.") from e
 
 # %% ../nbs/04_model.ipynb #7a918567
@@ -247,7 +250,8 @@ class CueMoE(nn.Module):
         ("The same experts applied in a loop over images and their top-k picks, each written out plainly "
          "(reference and benchmark).")
         gates, idx, balance = self.router(x)
-        out = [x[b:b + 1] + sum(gates[b, j] * self.experts.expert(x[b:b + 1], e) for j, e in enumerate(idx[b].tolist()))
+        out = [x[b:b + 1] + sum(gates[b, j] * self.experts.expert(x[b:b + 1], e)
+                                for j, e in enumerate(idx[b].tolist()))
                for b in range(x.shape[0])]
         return torch.cat(out), balance
 

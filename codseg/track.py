@@ -133,7 +133,8 @@ class WandbLogger:
         self.wandb = wandb
         self.run = wandb.init(project=os.environ.get('WANDB_PROJECT', 'codseg'), id=run_id,
                               resume='allow' if run_id else None,
-                              dir=os.environ.get('WANDB_DIR') or str(folder), config=config, mode=mode, reinit=True)
+                              dir=os.environ.get('WANDB_DIR') or str(folder),
+                              config=config, mode=mode, reinit=True)
         say(f'W&B: run {self.run.id} ({"resumed" if run_id else "new"}, {mode or "online"})')
     def scalars(self, d: dict, step: int): self.run.log(dict(d), step=step)
     def image(self, tag, img, step): self.run.log({tag: self.wandb.Image(img)}, step=step)
@@ -276,7 +277,8 @@ class PanelCB(Callback):
     order = 85  # after CheckpointCB (80) chose the best, before TrackCB (86) and SessionLimitCB (95)
     def __init__(self, ds, out_dir, epochs, every=0, best_epoch=lambda: None, send=None,
                  mean=(0.5,) * 3, std=(0.5,) * 3):
-        self.out, self.epochs, self.every, self.best_epoch, self.send = Path(out_dir), epochs, every, best_epoch, send
+        self.out, self.epochs, self.every = Path(out_dir), epochs, every
+        self.best_epoch, self.send = best_epoch, send
         items = [ds[i] for i in panel_indices(len(ds))]
         self.x = torch.stack([b['image'] for b in items])
         self.masks = torch.stack([b['mask'] for b in items])[:, 0].numpy()

@@ -81,7 +81,8 @@ class HistoryCB(Callback):
         e, m = learn.epoch, learn.metrics
         lr, blr = self.plan.lr(self.plan.first_step(e) + self.plan.steps_per_epoch(e) - 1)
         row = dict(epoch=e + 1, stage=self.plan.stage(e), loss=m['loss'], iou=m['iou'], dice=m['dice'], lr=lr,
-                   backbone_lr=blr, seconds=round(time.time() - self.t0, 1), skipped_steps=getattr(learn, 'skipped', 0),
+                   backbone_lr=blr, seconds=round(time.time() - self.t0, 1),
+                   skipped_steps=getattr(learn, 'skipped', 0),
                    overflow_steps=getattr(learn, 'overflows', 0), **{k: m[k] for k in HISTORY_EXTRA if k in m})
         if self.flagged:  # --allow-test-training: every row says so
             for r in learn.history: r.setdefault('test_trained', '')
@@ -421,7 +422,8 @@ def banner(run) -> str:
     test = run.data.found.test_trained()
     warn = [f"WARNING: this run trains or validates on the test set(s) {', '.join(test)}"] if test else []
     return '\n'.join([f'codseg: {run.cfg.backbone} x{run.cfg.num_experts} experts on {d.device}{procs}, AMP {amp}',
-                      f'Precision: {run.precision[1]}', run.data.summary, f'Plan: {run.note}', run.plan.summary(), *warn])
+                      f'Precision: {run.precision[1]}', run.data.summary, f'Plan: {run.note}',
+                      run.plan.summary(), *warn])
 
 def _claim_dir(out, run):
     "Create the checkpoint folder, clear temporary files a killed run left; refuse to overwrite an earlier run."
@@ -429,7 +431,8 @@ def _claim_dir(out, run):
     for t in out.glob('.*.tmp*'): t.unlink()
     if run.ckpt is None and (out/'last.pth').exists():
         raise FileExistsError(f'--checkpoint-dir {out} already holds last.pth from an earlier run: continue it '
-                              'with --resume-from auto, or pass another --checkpoint-dir (nothing was overwritten)')
+                              'with --resume-from auto, or pass another --checkpoint-dir '
+                              '(nothing was overwritten)')
     save_config(run.cfg, out/'config.json')
     prev = run.src and run.src.parent/'best_model.pth'  # a previous session's output elsewhere (Kaggle input)
     if prev and prev.is_file() and prev.parent.resolve() != out.resolve() and not (out/'best_model.pth').exists():
