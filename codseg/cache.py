@@ -11,6 +11,7 @@ os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')  # no version check onlin
 import albumentations as A
 import cv2, numpy as np, torch
 from .config import Config
+from .errors import inside_input
 from .image import DataError, shrink_mask
 from .layout import Found, Pair
 
@@ -138,8 +139,9 @@ def _outside_inputs(cfg: Config, found: Found):
     c = Path(cfg.cache_dir).resolve()
     for r in [found.root] + ([Path(cfg.val_path)] if cfg.val_path else []):
         if c == Path(r).resolve() or Path(r).resolve() in c.parents:
-            raise DataError(f'--cache-dir {cfg.cache_dir} is inside the dataset folder {r}, and codseg never '
-                            'writes into its inputs. Fix: pass a folder outside it, e.g. /kaggle/working/cache.')
+            flag = '--val-path' if r != found.root else '--dataset-path'
+            raise DataError(inside_input('--cache-dir', cfg.cache_dir, flag, r,
+                                         fix='pass a folder outside it, e.g. /kaggle/working/cache'))
 
 def cache_data(cfg: Config, found: Found, datasets: list) -> str:
     "Make the missing entries of `datasets` in `cfg.cache_dir` (each process its share), attach them; a line."

@@ -7,11 +7,11 @@ from __future__ import annotations
 import argparse, errno, importlib, os, re, sys, traceback
 from pathlib import Path
 from .config import Config, add_args, from_args, parse_loggers, DATA, MODEL, PLAN, TRAIN
-from .errors import CHECKPOINT_FIX, WRITE_FIX, UsageError, describe, one_line, report
+from .errors import CHECKPOINT_FIX, WRITE_FIX, UsageError, describe, inside_input, is_inside, one_line, report
 
 # %% auto #0
 __all__ = ['CKPT_DEFAULTS', 'CHECKPOINT_HELP', 'TTA_HELP', 'RANGES', 'OUTPUTS', 'COMMANDS', 'train_parser', 'evaluate_parser',
-           'predict_parser', 'find_lr_parser', 'inside_input', 'check_sweep', 'check_settings', 'run_command', 'main']
+           'predict_parser', 'find_lr_parser', 'check_sweep', 'check_settings', 'run_command', 'main']
 
 # %% ../nbs/20_cli.ipynb #21d2f3c6
 def train_parser():
@@ -105,17 +105,6 @@ def _loggers_ok(v) -> bool:
 
 def _flag(n: str) -> str: return '--' + n.replace('_', '-')
 
-def inside_input(flag: str, value, input_flag: str, src,
-                 why: str = 'codseg never writes into its inputs',  # what would go wrong
-                 fix: str = 'pass a folder outside it') -> str:
-    "The one refusal of an output `flag`=`value` inside the folder `src` of input `input_flag`."
-    return f'{flag} {value} is inside the input {input_flag} {src}; {why}: {fix}'
-
-def _inside(p, folder) -> bool:
-    "Whether path `p` is `folder` or below it."
-    p, folder = Path(p).expanduser().resolve(), Path(folder).expanduser().resolve()
-    return p == folder or folder in p.parents
-
 def _writable(flag: str, p):
     "Refuse output folder `p` when its nearest existing folder cannot be written."
     q = Path(p).expanduser().absolute()
@@ -186,12 +175,12 @@ def _check_outputs(given: dict, command: str, inputs: list):
     outs = [n for n in OUTPUTS if given.get(n) and (n != 'checkpoint_dir' or command in ('train', 'find-lr'))]
     for n in outs:
         for f, src in inputs:
-            if _inside(given[n], src): raise UsageError(inside_input(_flag(n), given[n], _flag(f), src))
+            if is_inside(given[n], src): raise UsageError(inside_input(_flag(n), given[n], _flag(f), src))
         is_file = n in ('png', 'csv')
         _writable(_flag(n), Path(given[n]).parent if is_file else given[n])
     if command == 'evaluate' and not given.get('output') and given.get('checkpoint'):  # results go beside it
         for f, src in inputs:
-            if _inside(Path(given['checkpoint']).parent, src):
+            if is_inside(Path(given['checkpoint']).parent, src):
                 raise UsageError(inside_input('--checkpoint', given['checkpoint'], _flag(f), src,
                                               'the results would be written beside it',
                                               'pass --output DIR outside the dataset'))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno, re, sys, traceback
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FIX', 'WRITE_FIX', 'DISK', 'UsageError', 'one_line', 'describe', 'report']
+__all__ = ['CHECKPOINT_FIX', 'WRITE_FIX', 'DISK', 'UsageError', 'inside_input', 'is_inside', 'one_line', 'describe', 'report']
 
 # %% ../nbs/00b_errors.ipynb #18e3164b
 class UsageError(ValueError):
@@ -15,6 +15,21 @@ class UsageError(ValueError):
 
 CHECKPOINT_FIX = 'pass a codseg last.pth or best_model.pth'  # the fix for a missing or unusable checkpoint
 WRITE_FIX = 'pass a folder you can write to'  # the fix for an output that cannot be written
+
+# %% ../nbs/00b_errors.ipynb #c302276a
+from pathlib import Path
+
+# %% ../nbs/00b_errors.ipynb #8c032f86
+def inside_input(flag: str, value, input_flag: str, src,
+                 why: str = 'codseg never writes into its inputs',  # what would go wrong
+                 fix: str = 'pass a folder outside it') -> str:
+    "The one refusal of an output `flag`=`value` inside the folder `src` of input `input_flag`."
+    return f'{flag} {value} is inside the input {input_flag} {src}; {why}: {fix}'
+
+def is_inside(p, folder) -> bool:
+    "Whether path `p` is `folder` or below it."
+    p, folder = Path(p).expanduser().resolve(), Path(folder).expanduser().resolve()
+    return p == folder or folder in p.parents
 
 # %% ../nbs/00b_errors.ipynb #babc37ac
 _SPACE_FIX = 'free some space or pass a folder on another disk'

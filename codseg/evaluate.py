@@ -11,6 +11,7 @@ import cv2, numpy as np
 import torch, torch.nn.functional as F
 from torch.utils.data import DataLoader
 from .config import Config, resolve, add_args
+from .errors import inside_input, is_inside
 from .image import DataError, read_image, read_mask, check_images
 from .layout import Pair, is_image_file, discover, dataset_root, check_pairs
 from .data import SegDataset, eval_transform, seed_worker
@@ -115,11 +116,6 @@ def find_test_sets(path, cfg: Config, say=print) -> tuple[dict, Path]:
         if bad: say(f'--skip-bad: left out {len(bad)} bad pair(s) of {k}; first: {bad[0]}')
     return out, found.root
 
-def _inside(p, folder) -> bool:
-    "Whether path `p` is `folder` or below it."
-    p, folder = Path(p).resolve(), Path(folder).resolve()
-    return p == folder or folder in p.parents
-
 def _out_paths(checkpoint, output, tta: bool) -> tuple[Path, Path]:
     "The CSV and JSON paths for the results of `checkpoint` (in `output`, default: the checkpoint's folder)."
     out = Path(output) if output else Path(checkpoint).parent
@@ -156,9 +152,8 @@ def evaluate(checkpoint, dataset_path, output=None, tta: bool = False,
     sets, root = find_test_sets(dataset_path, cfg, say)
     csv_p, json_p = _out_paths(checkpoint, output, tta)
     for flag, p in (('--output', csv_p.parent), ('--save-predictions', save_predictions)):
-        if p and _inside(p, root):
-            raise ValueError(f'{flag} {p} is inside the dataset folder {root}; codseg never writes into input '
-                             'folders: pass a folder outside it')
+        if p and is_inside(p, root):
+            raise ValueError(inside_input(flag, p, '--dataset-path', root))
     which = 'all images' if cfg.include_noncam else 'camouflaged images only'
     say(f"codseg evaluate: {checkpoint} ({cfg.backbone}) on {dev}, {cfg.img_size} px, TTA {'on' if tta else 'off'}, "
         f'{which}; {root}')
@@ -253,9 +248,8 @@ def predict(checkpoint, input, output, masks: bool = False, overlays: bool = Fal
     from codseg.learner import amp_dtype as _amp
     files, out = image_files(input), Path(output)
     src = Path(input) if Path(input).is_dir() else Path(input).parent
-    if (_inside(out, src) if Path(input).is_dir() else out.resolve() == src.resolve()):
-        raise ValueError(f'--output {out} is the input folder {src} or inside it; codseg never writes into input '
-                         'folders: pass another folder')
+    if (is_inside(out, src) if Path(input).is_dir() else out.resolve() == src.resolve()):
+        raise ValueError(inside_input('--output', out, '--input', src))
     files = _readable(files, input, skip_bad, say)  # before anything heavy
     dev = pick_device(device or Config().device)
     model, ck_cfg = load_model(checkpoint, dev)

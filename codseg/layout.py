@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from .config import Config, add_args, from_args
+from .errors import inside_input
 from .image import DataError, FIX, image_size, size_mismatch
 
 # %% auto #0
@@ -446,9 +447,8 @@ def _archives(root: Path, extract_dir, notes: list[str]) -> list[tuple[Path, lis
     if not arcs: return out
     xd = Path(extract_dir or default_extract_dir()).expanduser().resolve()
     if xd == root.resolve() or root.resolve() in xd.parents:
-        raise DataError(f'--extract-dir {xd} is inside the input folder {root}, and codseg never writes into '
-                        'its inputs. '
-                        'Fix: pass a folder outside it (on Kaggle, e.g. /kaggle/temp/codseg-extract).')
+        raise DataError(inside_input('--extract-dir', xd, '--dataset-path', root,
+                                     fix='pass a folder outside it (on Kaggle, e.g. /kaggle/temp/codseg-extract)'))
     for a in arcs:
         stem, marker = ARCHIVE_RE.sub('', a.name), _target(a, xd)/'.codseg-extracted'
         if marker.is_file(): held = marker.read_text()  # listed when it was extracted (a .tar.gz lists slowly)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from .config import from_dict
+from .errors import CHECKPOINT_FIX
 
 # %% auto #0
 __all__ = ['ARCH', 'pick_device', 'Dist', 'seed_everything', 'save_atomic', 'copy_atomic', 'load_checkpoint', 'rng_state',
@@ -83,7 +84,7 @@ def _found(path: Path, e: Exception) -> str:
 def load_checkpoint(path, flag='--resume-from'):  # flag: the option that named `path`, for the messages
     "Load checkpoint `path` (weights only) with one-line errors that name the file, what was found and the fix."
     path = Path(path)
-    fix = 'pass a codseg last.pth or best_model.pth' + (', or auto' if flag == '--resume-from' else '')
+    fix = CHECKPOINT_FIX + (', or auto' if flag == '--resume-from' else '')
     if not path.is_file(): raise FileNotFoundError(f'{flag} {path}: no such file; {fix}')
     try:
         with warnings.catch_warnings():  # not PyTorch's notes on the pickle protocol of a file it refuses
@@ -138,12 +139,12 @@ def model_from_checkpoint(path, device='cpu', ema=True, flag='--checkpoint'):  #
     ck = load_checkpoint(path, flag)
     if 'config' not in ck:
         raise ValueError(f'{flag} {path}: a weights-only file has no config; '
-                         'pass a codseg last.pth or best_model.pth')
+                         f'{CHECKPOINT_FIX}')
     cfg = from_dict(ck['config'])
     model = build_model(replace(cfg, pretrained=False, pretrained_path=None, grad_checkpointing=False))
     state = ck['ema'] if ema and ck.get('ema') else ck['model']
     try: model.load_state_dict(state)
     except RuntimeError:  # not PyTorch's list of every missing and unexpected key
         raise ValueError(f'{flag} {path}: its weights do not fit the {cfg.backbone} model its config describes; '
-                         'pass a codseg last.pth or best_model.pth') from None
+                         f'{CHECKPOINT_FIX}') from None
     return model.to(device).eval(), cfg

@@ -98,7 +98,7 @@ def test_evaluate_noncam_tta_and_defaults(ckpt, tmp_path):
     plain = evaluate(ckpt, root, output=tmp_path/'o', **quiet)[0]
     tta = evaluate(ckpt, root, output=tmp_path/'o', tta=True, **quiet)[0]
     assert (tmp_path/'o'/'eval_best_model_tta.json').is_file() and tta['images'] == 2 and tta['MAE'] != plain['MAE']
-    with pytest.raises(ValueError, match='never writes into input folders'): evaluate(ckpt, root, output=root/'res', **quiet)
+    with pytest.raises(ValueError, match='codseg never writes into its inputs'): evaluate(ckpt, root, output=root/'res', **quiet)
 
 def test_tta_is_the_mean_of_flipped_and_scaled_views(ckpt):
     """--tta's probabilities equal, by hand, the mean of sigmoid(model) over the image and its horizontal mirror at

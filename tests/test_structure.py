@@ -71,4 +71,4 @@ def test_evaluate_and_findlr_import_nothing_from_train():
     g = graph()
     assert 'runtime' in g['evaluate'] and 'runtime' in g['findlr'] and 'runtime' in g['train']
     assert 'train' not in g['evaluate'] and 'train' not in g['findlr'], (g['evaluate'], g['findlr'])
-    assert g['runtime'] <= {'config', 'model'}, g['runtime']  # below the learner and the trainer
+    assert g['runtime'] <= {'config', 'errors', 'model'}, g['runtime']  # below the learner and the trainer
