@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse, errno, importlib, os, re, sys, traceback
 from pathlib import Path
 from .config import Config, add_args, from_args, parse_loggers, DATA, MODEL, PLAN, TRAIN
-from .errors import CHECKPOINT_FIX, WRITE_FIX, UsageError, describe, inside_input, is_inside, one_line, report
+from .errors import CHECKPOINT_FIX, DATASET_REQUIRED, NO_INPUT, WRITE_FIX, UsageError, describe, inside_input, is_inside, one_line, report
 
 # %% auto #0
 __all__ = ['CKPT_DEFAULTS', 'CHECKPOINT_HELP', 'TTA_HELP', 'RANGES', 'OUTPUTS', 'COMMANDS', 'train_parser', 'evaluate_parser',
@@ -156,7 +156,7 @@ def _check_files(given: dict, command: str):
                    'resume_from': f'; {CHECKPOINT_FIX}, or auto'}[n]
             raise UsageError(f'{_flag(n)} {v}: no such file{fix}')
     if command in ('train', 'evaluate', 'find-lr') and not given.get('dataset_path'):
-        raise UsageError('--dataset-path is required: a dataset folder, a /kaggle/input mount, or synthetic')
+        raise UsageError(DATASET_REQUIRED)
 
 def _inputs(given: dict, command: str) -> list:
     "(flag name, folder) of each folder the command reads."
@@ -166,7 +166,7 @@ def _inputs(given: dict, command: str) -> list:
     if given.get('input'):
         p = Path(given['input'])
         if not p.exists():
-            raise UsageError(f'--input {p}: no such file or folder: pass an image or a folder of images')
+            raise UsageError(f'--input {p}: {NO_INPUT}')
         out.append(('input', p if p.is_dir() else p.parent))
     return out
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import errno, re, sys, traceback
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FIX', 'WRITE_FIX', 'DISK', 'UsageError', 'inside_input', 'is_inside', 'one_line', 'describe', 'report']
+__all__ = ['CHECKPOINT_FIX', 'WRITE_FIX', 'DATASET_REQUIRED', 'NO_INPUT', 'DISK', 'UsageError', 'inside_input', 'is_inside',
+           'one_line', 'describe', 'report']
 
 # %% ../nbs/00b_errors.ipynb #18e3164b
 class UsageError(ValueError):
@@ -15,6 +16,8 @@ class UsageError(ValueError):
 
 CHECKPOINT_FIX = 'pass a codseg last.pth or best_model.pth'  # the fix for a missing or unusable checkpoint
 WRITE_FIX = 'pass a folder you can write to'  # the fix for an output that cannot be written
+DATASET_REQUIRED = '--dataset-path is required: a dataset folder, a /kaggle/input mount, or synthetic'
+NO_INPUT = 'no such file or folder: pass an image or a folder of images'  # predict's --input that is not there
 
 # %% ../nbs/00b_errors.ipynb #c302276a
 from pathlib import Path

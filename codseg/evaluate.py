@@ -11,7 +11,7 @@ import cv2, numpy as np
 import torch, torch.nn.functional as F
 from torch.utils.data import DataLoader
 from .config import Config, resolve, add_args
-from .errors import inside_input, is_inside
+from .errors import NO_INPUT, inside_input, is_inside
 from .image import DataError, read_image, read_mask, check_images
 from .layout import Pair, is_image_file, discover, dataset_root, check_pairs
 from .data import SegDataset, eval_transform, seed_worker
@@ -208,7 +208,7 @@ def image_files(input) -> list[Path]:
         if not is_image_file(p.name):
             raise DataError(f'--input {p}: not an image file (expected one of .jpg .png .bmp .tif .webp ...)')
         return [p]
-    if not p.is_dir(): raise FileNotFoundError(f'--input {p}: no such file or folder')
+    if not p.is_dir(): raise FileNotFoundError(f'--input {p}: {NO_INPUT}')
     files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith('.') and is_image_file(f.name))
     if not files: raise DataError(f'--input {p}: the folder holds no image files (sub-folders are not searched)')
     stems = {}

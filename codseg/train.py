@@ -10,6 +10,7 @@ from functools import partial
 from pathlib import Path
 import torch
 from .config import Config, resolve, add_args, from_args, to_dict, from_dict, save_config, DATA, MODEL, PLAN, TRAIN
+from .errors import DATASET_REQUIRED
 from .runtime import (Dist, pick_device, seed_everything, save_atomic, copy_atomic, load_checkpoint,
                             rng_state,
                             set_rng_state, find_resume, check_same_arch, model_state, model_from_checkpoint)
@@ -280,7 +281,7 @@ class Run:
         from codseg.data import build_data
         self.cfg, self.dist, self.say = resolve(cfg), dist, say if dist.main else (lambda *a, **k: None)
         if not self.cfg.dataset_path:
-            raise ValueError('--dataset-path is required: a dataset folder, a /kaggle/input mount, or synthetic')
+            raise ValueError(DATASET_REQUIRED)
         self.precision = pick_precision(dist.device, self.cfg.precision)  # (autocast dtype or None, why)
         self.src = find_resume(self.cfg, kaggle_input)
         self.ckpt = load_checkpoint(self.src) if self.src else None
