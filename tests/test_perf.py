@@ -147,11 +147,11 @@ def test_loader_benchmark_smoke(capsys):
     assert re.fullmatch(r'loader vs decode-only: \d+\.\d+x', last_line(capsys))
 
 def test_cache_benchmark_keeps_a_floor(capsys):
-    """The cache speedup at a tiny size stays above 5x, well below what it measures (~45x here on the 2-core dev
-    container; target 3x at 1 MP), so a 10x regression fails."""
+    """The cache speedup at a tiny size stays above 1.5x, half the target (3x at 1 MP): a cache that is not used reads
+    at ~1x. It measures ~45x on a quiet 2-core container but fell to 3.2x in one CI run beside other tests."""
     import cache_speed
     cache_speed.main(['--n', '2', '--width', '320', '--height', '240', '--img-size', '64', '--repeats', '1'])
-    assert figure(r'cache speedup: (\d+\.\d)x', last_line(capsys)) >= 5
+    assert figure(r'cache speedup: (\d+\.\d)x', last_line(capsys)) >= 1.5
 
 def test_memory_benchmark_smoke():
     "Smoke test only (no floor: at 64 px and batch 1 checkpointing saves nothing): memory_peak runs and prints its figure."
