@@ -13,8 +13,8 @@ from .config import from_dict
 from .errors import CHECKPOINT_FIX
 
 # %% auto #0
-__all__ = ['ARCH', 'pick_device', 'Dist', 'seed_everything', 'save_atomic', 'copy_atomic', 'load_checkpoint', 'rng_state',
-           'set_rng_state', 'find_resume', 'check_same_arch', 'model_state', 'model_from_checkpoint']
+__all__ = ['ARCH', 'pick_device', 'Dist', 'seed_everything', 'save_atomic', 'copy_atomic', 'CheckpointPair', 'load_checkpoint',
+           'rng_state', 'set_rng_state', 'find_resume', 'check_same_arch', 'model_state', 'model_from_checkpoint']
 
 # %% ../nbs/09a_runtime.ipynb #2506266e
 def pick_device(device='auto',  # auto, cpu, cuda or cuda:N
@@ -69,6 +69,97 @@ def copy_atomic(src, dst):
     os.replace(tmp, dst)
     return dst
 
+# %% ../nbs/09a_runtime.ipynb #dac8d218
+def _link_or_copy(src, dst):
+    "Hard-link file `src` at `dst` (no bytes copied), or copy it where the file system has no hard links."
+    src = os.path.realpath(src)  # the file a link names: os.link would link the link itself
+    try: os.link(src, dst)
+    except OSError: shutil.copyfile(src, dst)
+
+def _symlink(target, path):
+    "Make `path` a symbolic link to `target` with one rename (replacing what `path` was)."
+    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, path)
+
+def _symlinks_work(folder: Path) -> bool:
+    "Whether `folder` takes symbolic links (Windows without the right and some mounted drives do not)."
+    probe = folder/f'.symlink.tmp{os.getpid()}'
+    probe.unlink(missing_ok=True)
+    try: os.symlink('x', probe)
+    except (OSError, NotImplementedError): return False
+    probe.unlink()
+    return True
+
+class CheckpointPair:
+    "`last.pth` and `best_model.pth` in folder `out`, switched together by one rename."
+    names = ('best_model.pth', 'last.pth')  # the order names appear in: best_model.pth never after last.pth
+    folder = '.generations'  # inside `out`: the generations and `current`, the link both names go through
+    def __init__(self, out):
+        self.out = Path(out)
+        self.gens, self.linked = self.out/self.folder, False  # linked False: plain files
+        self.cur = self.gens/'current'
+
+    def open(self):
+        "Link both names into a new generation holding what they hold now (plain files where links do not work)."
+        self.out.mkdir(parents=True, exist_ok=True)
+        if _symlinks_work(self.out):
+            self._switch(self._generation({n: self.out/n for n in self.names}))
+            self.linked = True
+        return self
+
+    def save(self, ck, best=False):  # best: `ck` is also the new best_model.pth
+        "Write checkpoint `ck` as last.pth (and best_model.pth when `best`); returns last.pth's path."
+        if not self.linked: return self._save_plain(ck, best)
+        g = self._generation({} if best else {'best_model.pth': self.cur/'best_model.pth'})
+        with open(g/'last.pth', 'wb') as f:
+            torch.save(ck, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if best: _link_or_copy(g/'last.pth', g/'best_model.pth')
+        self._switch(g)
+        return self.out/'last.pth'
+
+    def close(self):
+        "Make both names plain files again, each keeping its content; remove the generations."
+        if not self.linked: return
+        for n in self.names:
+            if not (self.out/n).is_symlink(): continue
+            if (self.cur/n).is_file(): os.replace(self.cur/n, self.out/n)
+            else: (self.out/n).unlink()
+        shutil.rmtree(self.gens)
+        self.linked = False
+
+    def tidy(self):
+        "Make the names a killed run left as links plain files again (nothing to do after a run that ended)."
+        if self.gens.is_dir(): self.open().close()
+
+    def _generation(self, files):  # files: {name: the file to hard-link in}; absent ones are left out
+        "A new generation folder holding `files`."
+        self.gens.mkdir(exist_ok=True)
+        n = 1 + max((int(p.name[4:]) for p in self.gens.glob('gen-*') if p.name[4:].isdigit()), default=0)
+        g = self.gens/f'gen-{n:06d}'
+        g.mkdir()
+        for name, src in files.items():
+            if src.is_file(): _link_or_copy(src, g/name)
+        return g
+
+    def _switch(self, g):
+        "Point `current` at generation `g` (the one rename), link the names it adds, remove the others."
+        _symlink(g.name, self.cur)
+        for n in self.names:
+            target = f'{self.folder}/current/{n}'
+            p = self.out/n
+            if (g/n).is_file() and not (p.is_symlink() and os.readlink(p) == target): _symlink(target, p)
+        for old in self.gens.glob('gen-*'):
+            if old != g: shutil.rmtree(old)
+
+    def _save_plain(self, ck, best):
+        "Without links: best_model.pth, then last.pth, each atomically (a resume adopts a best_model.pth in between)."
+        if best: return copy_atomic(save_atomic(ck, self.out/'best_model.pth'), self.out/'last.pth')
+        return save_atomic(ck, self.out/'last.pth')
+
 # %% ../nbs/09a_runtime.ipynb #4c9d1212
 def _found(path: Path, e: Exception) -> str:
     "What `path` holds, which `torch.load(path, weights_only=True)` refused with `e`, in a few words."
@@ -113,7 +204,7 @@ def find_resume(cfg, kaggle_input='/kaggle/input'):
     "The checkpoint `cfg.resume_from` names: a path, or for 'auto' the newest last.pth (None when there is none)."
     if cfg.resume_from != 'auto': return cfg.resume_from and Path(cfg.resume_from)
     found = [p for root in (Path(cfg.checkpoint_dir), Path(kaggle_input)) if root.is_dir()
-             for p in root.rglob('last.pth')]
+             for p in root.rglob('last.pth') if CheckpointPair.folder not in p.parts and p.is_file()]
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 # %% ../nbs/09a_runtime.ipynb #6b0f1ec8

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from .config import Config, resolve, add_args, from_args, to_dict, from_dict, save_config, DATA, MODEL, PLAN, TRAIN
 from .errors import DATASET_REQUIRED
-from .runtime import (Dist, pick_device, seed_everything, save_atomic, copy_atomic, load_checkpoint,
+from .runtime import (Dist, pick_device, seed_everything, CheckpointPair, copy_atomic, load_checkpoint,
                             rng_state,
                             set_rng_state, find_resume, check_same_arch, model_state, model_from_checkpoint)
 from .learner import (Learner, Callback, CancelFitException, LRPlanCB, AMPCB, GradGuardCB, EMACB, MetricsCB,
@@ -198,21 +198,19 @@ class RunState:
                 'codseg': __import__('codseg').__version__}
 
 class CheckpointCB(Callback):
-    ("Write best_model.pth on a better validation measure (--monitor), then last.pth, each atomically, after "
-     "every epoch.")
+    "After every epoch write last.pth, and best_model.pth on a better --monitor measure: the pair switches at once."
     order = 80
-    def __init__(self, state, out_dir, ema=None, say=print):
-        self.state, self.out, self.ema, self.say = state, Path(out_dir), ema, say
+    def __init__(self, state, pair, ema=None, say=print):  # pair: the run's CheckpointPair
+        self.state, self.pair, self.ema, self.say = state, pair, ema, say
+    def before_fit(self, learn): self.pair.open()
     def after_epoch(self, learn):
         s, row = self.state, learn.history[-1]
         key = monitor_key(s.cfg.monitor)
         better = is_better(s.cfg.monitor, row.get(key), s.best_score)
         if better: s.best_score, s.best_iou, s.best_epoch = row[key], row['iou'], learn.epoch + 1
-        ck = s.checkpoint(learn, learn.epoch + 1, 0, self.ema)
-        if not better: return save_atomic(ck, self.out/'last.pth')
-        # best first: last.pth never calls an epoch best that best_model.pth does not hold (see Run._newer_best)
-        copy_atomic(save_atomic(ck, self.out/'best_model.pth'), self.out/'last.pth')
-        self.say(f'  saved best_model.pth ({LABELS[key]} {row[key]:.4f})')
+        self.pair.save(s.checkpoint(learn, learn.epoch + 1, 0, self.ema), best=better)
+        if better: self.say(f'  saved best_model.pth ({LABELS[key]} {row[key]:.4f})')
+    def cleanup_fit(self, learn): self.pair.close()  # plain files again, at the end, a stop or an error
 
 class SessionLimitCB(Callback):
     "Stop after `stop_after` epochs, or when one more would end past `time_limit` hours (after the checkpoint)."
@@ -231,8 +229,8 @@ class SessionLimitCB(Callback):
 class StopSignalCB(Callback):
     "On SIGINT or SIGTERM, save a resumable last.pth at the next step boundary (or epoch end), then stop."
     order = 90
-    def __init__(self, state, out_dir, metrics, ema=None, say=print):  # out_dir None: not the writing process
-        self.state, self.out, self.metrics, self.ema = state, out_dir and Path(out_dir), metrics, ema
+    def __init__(self, state, pair, metrics, ema=None, say=print):  # pair None: not the writing process
+        self.state, self.pair, self.metrics, self.ema = state, pair, metrics, ema
         self.say = say
         self.signum, self.old = 0, {}
     def before_fit(self, learn):
@@ -253,18 +251,18 @@ class StopSignalCB(Callback):
         return int(t.item())
     def after_step(self, learn):
         if not (signum := self._agreed()): return
-        if self.out is not None:
-            save_atomic(self.state.checkpoint(learn, learn.epoch, learn.iter + 1, self.ema, self.metrics.loss_sum),
-                        self.out/'last.pth')
+        if self.pair is not None:
+            last = self.pair.save(self.state.checkpoint(learn, learn.epoch, learn.iter + 1, self.ema,
+                                                        self.metrics.loss_sum))
             self.say(f'\nStopped by {signal.Signals(signum).name} in epoch {learn.epoch + 1} '
                      f'after batch {learn.iter + 1}: '
-                     f'saved {self.out/"last.pth"}; resume with --resume-from auto (or that path).')
+                     f'saved {last}; resume with --resume-from auto (or that path).')
         self._stop(learn, signum)
     def after_epoch(self, learn):  # a signal during validation: the epoch's checkpoint (CheckpointCB) is the save
         if not (signum := self._agreed()): return
-        if self.out is not None:
+        if self.pair is not None:
             self.say(f'\nStopped by {signal.Signals(signum).name} after epoch {learn.epoch + 1}: '
-                     f'{self.out/"last.pth"} '
+                     f'{self.pair.out/"last.pth"} '
                      'holds it; resume with --resume-from auto (or that path).')
         self._stop(learn, signum)
     def _stop(self, learn, signum):
@@ -360,6 +358,7 @@ def make_learner(run: Run, extra_cbs=()):
     state = RunState(cfg, plan, *((ck['history'], ck['best_iou'], ck['best_epoch']) if ck else ()),
                      best_score=best_so_far(ck, cfg.monitor)[0])
     out = Path(cfg.checkpoint_dir) if dist.main else None
+    pair = CheckpointPair(out) if out else None  # last.pth and best_model.pth, written by rank 0
     epoch, skip = run.start
     step = state.next_step(epoch, skip)
     metrics = MetricsCB(SegMeter(), ck.get('loss_sum') if ck and skip else None)
@@ -373,8 +372,8 @@ def make_learner(run: Run, extra_cbs=()):
            ProgressCB(None if dist.main else True, say=run.say),  # a bar, or plain lines in logs
            HistoryCB(plan, out, run.say, run.data.found.test_trained()),  # the epoch line, history.csv, curves.png
            WatchCB(run.say),  # divergence stops; a plateau warns
-           StopSignalCB(state, out, metrics, ema, run.say),  # SIGINT/SIGTERM: a resumable save, then stop
-           *([CheckpointCB(state, out, ema, run.say)] if out else []),  # best_model.pth, last.pth (rank 0)
+           StopSignalCB(state, pair, metrics, ema, run.say),  # SIGINT/SIGTERM: a resumable save, then stop
+           *([CheckpointCB(state, pair, ema, run.say)] if pair else []),  # best_model.pth, last.pth (rank 0)
            *([AMPCB(dtype, ck and ck.get('scaler'))] if dtype else []),  # autocast; fp16's grad scaler
            *([ema] if ema else []),  # --ema: the EMA weights, validated
            *([ChannelsLastCB()] if cfg.channels_last else []),
@@ -396,6 +395,7 @@ def train(cfg: Config = None, callbacks=(), kaggle_input='/kaggle/input', say=pr
     "Train a COD model in two stages as `cfg` (plus keyword `overrides`) says; returns a summary."
     cfg = replace(cfg or Config(), **overrides)
     dist = Dist(cfg.device)
+    if dist.main and not cfg.dry_run: CheckpointPair(cfg.checkpoint_dir).tidy()  # a killed run's links: files
     run = Run(cfg, dist, kaggle_input, say)
     cfg, out = run.cfg, Path(run.cfg.checkpoint_dir)
     run.say(banner(run))
