@@ -118,3 +118,25 @@ def test_run_killed_around_checkpoint_writes(tmp_path, n_calls, at, when):
     assert all(torch.equal(last['model'][n], best['model'][n]) for n in last['model'])
     assert sorted(p.name for p in ck.glob('*.pth')) == ['best_model.pth', 'last.pth']
     assert not any(p.is_symlink() for p in ck.iterdir()) and not (ck/CheckpointPair.folder).exists()
+
+class Falling(Callback):
+    "Every epoch's IoU is worse than any before."
+    order = 65
+    def after_epoch(self, learn): learn.history[-1]['iou'] = 0.01
+
+def test_run_without_symlinks_killed_between_the_writes(tmp_path, monkeypatch):
+    "Plain files: killed after epoch 2's best_model.pth, before its last.pth; the resume adopts that best."
+    def refuse(*a, **kw): raise OSError(1, 'Operation not permitted')
+    monkeypatch.setattr(os, 'symlink', refuse)
+    ck, real, seen = tmp_path/'ck', os.replace, []
+    def replace(src, dst):
+        real(src, dst)
+        seen.append(os.path.basename(dst))
+        if seen.count('best_model.pth') == 2: raise Killed()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(os, 'replace', replace)
+        with pytest.raises(Killed): run(ck)
+    assert held(ck) == (2, 1)  # the moment between the two writes, which only plain files have
+    cfg = Config(**TINY, checkpoint_dir=str(ck), resume_from='auto')
+    assert train(cfg, callbacks=[Falling()], say=lambda *a, **k: None)['stopped'] is None  # epoch 2 again, worse
+    assert held(ck) == (2, 2)  # best_model.pth's epoch 2 stays the best, and last.pth says so
