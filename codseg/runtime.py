@@ -156,7 +156,7 @@ class CheckpointPair:
             if old != g: shutil.rmtree(old)
 
     def _save_plain(self, ck, best):
-        "Without links: best_model.pth, then last.pth, each atomically (a resume adopts a best_model.pth in between)."
+        "Without links: best_model.pth, then last.pth, each atomically (a resume adopts a best_model.pth between)."
         if best: return copy_atomic(save_atomic(ck, self.out/'best_model.pth'), self.out/'last.pth')
         return save_atomic(ck, self.out/'last.pth')
 

@@ -198,7 +198,7 @@ class RunState:
                 'codseg': __import__('codseg').__version__}
 
 class CheckpointCB(Callback):
-    "After every epoch write last.pth, and best_model.pth on a better --monitor measure: the pair switches at once."
+    "Write last.pth after every epoch, and best_model.pth on a better --monitor measure: both switch at once."
     order = 80
     def __init__(self, state, pair, ema=None, say=print):  # pair: the run's CheckpointPair
         self.state, self.pair, self.ema, self.say = state, pair, ema, say

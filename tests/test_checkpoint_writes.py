@@ -16,7 +16,7 @@ CALLS = [(os, 'replace'), (os, 'link'), (os, 'symlink'), (os, 'unlink'), (shutil
 class Killed(BaseException): "The process dying at this point."
 
 class Killer:
-    "Kill at the `k`-th file-system call (`before` or `after` it); once dead, every later call dies too (nothing runs)."
+    "Kill at the `k`-th file-system call (`before` or `after` it); once dead, every later call dies too."
     def __init__(self, monkeypatch, k, when):
         self.k, self.when, self.n, self.dead = k, when, 0, False
         for mod, name in CALLS: monkeypatch.setattr(mod, name, self.wrap(getattr(mod, name)))
@@ -43,7 +43,7 @@ def held(ck):
 def check(ck):
     "The invariant, on the files in `ck` as they are."
     best, called = held(ck)
-    if called is not None: assert best == called, f'best_model.pth holds epoch {best}, last.pth calls {called} best'
+    if called is not None: assert best == called, f'best_model.pth holds {best}, last.pth calls {called} best'
 
 # the pair alone, through two sessions of five epochs: killed at every file-system call it makes
 EPOCHS = [(1, 1), (2, 1), (3, 3), (4, 3), (5, 5)]  # (epoch, the best epoch so far)
@@ -87,7 +87,8 @@ class Rising(Callback):
     order = 65  # after HistoryCB made the row, before CheckpointCB reads it
     def after_epoch(self, learn): learn.history[-1]['iou'] = 0.1 * (learn.epoch + 1)
 
-def run(ck, **kw): return train(Config(**TINY, checkpoint_dir=str(ck), **kw), callbacks=[Rising()], say=lambda *a, **k: None)
+def run(ck, **kw):
+    return train(Config(**TINY, checkpoint_dir=str(ck), **kw), callbacks=[Rising()], say=lambda *a, **k: None)
 
 @pytest.fixture(scope='module')
 def n_calls(tmp_path_factory):
@@ -100,7 +101,7 @@ def n_calls(tmp_path_factory):
     return kill.n
 
 @pytest.mark.parametrize('when', ['before', 'after'])
-@pytest.mark.parametrize('at', [i / 6 for i in range(1, 6)] + [1.0])  # spread over the run's calls, the last one included
+@pytest.mark.parametrize('at', [i / 6 for i in range(1, 6)] + [1.0])  # spread over the run's calls, up to the last
 def test_run_killed_around_checkpoint_writes(tmp_path, n_calls, at, when):
     ck, handlers = tmp_path/'ck', {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with pytest.MonkeyPatch.context() as m:
