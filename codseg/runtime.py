@@ -47,21 +47,28 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 # %% ../nbs/09a_runtime.ipynb #6d51adab
-def save_atomic(obj, path):
-    "`torch.save` `obj` to `path` through a temporary file and a rename."
-    path = Path(path)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    with open(tmp, 'wb') as f:
+def _tmp(path: Path) -> Path:
+    "The temporary name beside `path` a write goes to before its rename (cleared when a run claims its folder)."
+    return path.with_name(f'.{path.name}.tmp{os.getpid()}')
+
+def _save_synced(obj, path):
+    "`torch.save` `obj` to `path`, flushed to disk."
+    with open(path, 'wb') as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+
+def save_atomic(obj, path):
+    "`torch.save` `obj` to `path` through a temporary file and a rename."
+    path = Path(path)
+    _save_synced(obj, tmp := _tmp(path))
     os.replace(tmp, path)
     return path
 
 def copy_atomic(src, dst):
     "Copy file `src` to `dst` through a temporary file and a rename."
     dst = Path(dst)
-    tmp = dst.with_name(f'.{dst.name}.tmp{os.getpid()}')
+    tmp = _tmp(dst)
     with open(src, 'rb') as f, open(tmp, 'wb') as g:
         shutil.copyfileobj(f, g)
         g.flush()
@@ -78,14 +85,14 @@ def _link_or_copy(src, dst):
 
 def _symlink(target, path):
     "Make `path` a symbolic link to `target` with one rename (replacing what `path` was)."
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    tmp = _tmp(path)
     tmp.unlink(missing_ok=True)
     os.symlink(target, tmp)
     os.replace(tmp, path)
 
 def _symlinks_work(folder: Path) -> bool:
     "Whether `folder` takes symbolic links (Windows without the right and some mounted drives do not)."
-    probe = folder/f'.symlink.tmp{os.getpid()}'
+    probe = _tmp(folder/'symlink')
     probe.unlink(missing_ok=True)
     try: os.symlink('x', probe)
     except (OSError, NotImplementedError): return False
@@ -113,10 +120,7 @@ class CheckpointPair:
         "Write checkpoint `ck` as last.pth (and best_model.pth when `best`); returns last.pth's path."
         if not self.linked: return self._save_plain(ck, best)
         g = self._generation({} if best else {'best_model.pth': self.cur/'best_model.pth'})
-        with open(g/'last.pth', 'wb') as f:
-            torch.save(ck, f)
-            f.flush()
-            os.fsync(f.fileno())
+        _save_synced(ck, g/'last.pth')  # no rename needed: the generation is not in use until the switch
         if best: _link_or_copy(g/'last.pth', g/'best_model.pth')
         self._switch(g)
         return self.out/'last.pth'
