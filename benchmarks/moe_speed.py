@@ -24,14 +24,15 @@ import argparse, ctypes, statistics, time
 import torch
 from codseg.config import Config
 from codseg.model import CueMoE
+from codseg.losses import balance_loss
 
 def spread_routing(moe: CueMoE, batch: int):
-    "Replace the router's picks by ones spread evenly over the experts (gates and balance loss still computed)."
+    "Replace the router's picks by ones spread evenly over the experts (gates and routing statistics still computed)."
     E, k, route = moe.router.proj.out_features, moe.router.top_k, type(moe.router).forward.__get__(moe.router)
     picks = (torch.arange(batch * k) % E).view(batch, k)  # k consecutive experts per image: distinct as k <= E
     def forward(x):
-        gates, idx, balance = route(x)
-        return gates, picks.to(idx.device), balance
+        gates, idx, stats = route(x)
+        return gates, picks.to(idx.device), stats
     moe.router.forward = forward
 
 def keep_freed_memory() -> bool:
@@ -47,7 +48,7 @@ def time_both(moe: CueMoE, x: torch.Tensor, runs: int) -> dict:
     def step(fn):
         moe.zero_grad(set_to_none=True); x.grad = None
         sync(); t = time.perf_counter()
-        y, bal = fn(x); (y.square().mean() + bal).backward()
+        y, stats = fn(x); (y.square().mean() + balance_loss(stats)).backward()
         sync(); return time.perf_counter() - t
     fns = {'vectorised': moe.forward, 'per-sample loop': moe.forward_per_sample}
     (y1, _), (y2, _) = moe(x), moe.forward_per_sample(x)

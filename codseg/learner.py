@@ -12,14 +12,16 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['DIVERGE_ADVICE', 'CancelStepException', 'CancelBatchException', 'CancelEpochException', 'CancelFitException',
-           'Callback', 'to_device', 'unwrap', 'Learner', 'LRPlanCB', 'pick_precision', 'amp_dtype', 'AMPCB',
-           'TrainingDiverged', 'GradGuardCB', 'EMACB', 'all_reduce_sum', 'MetricsCB', 'ProgressCB']
+__all__ = ['DIVERGE_ADVICE', 'CancelStepException', 'CancelBatchException', 'CancelEpochException', 'CancelValidateException',
+           'CancelFitException', 'Callback', 'to_device', 'unwrap', 'Learner', 'LRPlanCB', 'pick_precision',
+           'amp_dtype', 'AMPCB', 'TrainingDiverged', 'GradGuardCB', 'EMACB', 'process_group', 'all_reduce_sum',
+           'agreed', 'MetricsCB', 'ProgressCB']
 
 # %% ../nbs/09_learner.ipynb #5f50ade9
 class CancelStepException(Exception): "Skip this optimizer step and drop its gradients."
 class CancelBatchException(Exception): "Skip the rest of this batch."
 class CancelEpochException(Exception): "Skip the rest of this epoch."
+class CancelValidateException(Exception): "Skip the rest of this validation pass (its `after_cancel_validate` runs)."
 class CancelFitException(Exception): "Stop training."
 
 class Callback:
@@ -41,7 +43,7 @@ def unwrap(model):
     return model
 
 _CANCEL = dict(step=CancelStepException, batch=CancelBatchException, epoch=CancelEpochException,
-               fit=CancelFitException)
+               validate=CancelValidateException, fit=CancelFitException)
 
 class Learner:
     "Train `model` with `loss_fn` and `opt` on `train_dl`, validate on `valid_dl`, steered by `cbs`."
@@ -57,7 +59,7 @@ class Learner:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)
         self.autocast = self.no_sync = nullcontext  # forward context; gradient no-sync context (DDP) between steps
         self.skip_batches = skip_batches
-        self.eval_model = None  # the model validation runs (EMACB: the EMA weights); None: `model`
+        self.eval_model = None  # the model validation runs (EMACB: the EMA weights); None: `core`
         self.grads_ok = False  # GradGuardCB checked this step's gradients: step without the scaler's own check
         self.grad_norm = None  # the last step's gradient norm (GradGuardCB)
         self.loss_sum = None  # the epoch's [loss sum, finite count, non-finite count] on the device (MetricsCB)
@@ -106,7 +108,9 @@ class Learner:
     def start_pass(self, training):
         "Pick the data and the model (EMA for validation) of a train or validation pass."
         self.training, self.dl = training, self.train_dl if training else self.valid_dl
-        self.run_model = self.model if training or self.eval_model is None else self.eval_model
+        # validation runs the bare model (or the EMA's), never the DDP wrapper: its forward is a collective, and
+        # under DDP the processes may hold different numbers of validation items (none, even)
+        self.run_model = self.model if training else self.core if self.eval_model is None else self.eval_model
         self.first = self.skip_batches if training else 0
         self.n_batches = self.first + len(self.dl)
 
@@ -251,15 +255,30 @@ class EMACB(Callback):
     def after_step(self, learn): self.ema.update(unwrap(learn.model), step=learn.step_idx)
 
 # %% ../nbs/09_learner.ipynb #9ae00f94
+def process_group():
+    "`torch.distributed` when this process is one of several (a process group is initialised), else None."
+    import torch.distributed as dist
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+def _comm_device(dist) -> str:
+    "Where a collective's tensors live: the GPU for NCCL, else the CPU."
+    return 'cuda' if dist.get_backend() == 'nccl' else 'cpu'
+
 def all_reduce_sum(t):
     "Sum tensor `t` across processes when distributed; returns it (on its original device)."
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dev = 'cuda' if dist.get_backend() == 'nccl' else 'cpu'
-        u = t.to(dev)
-        dist.all_reduce(u)
-        return u.to(t.device)
-    return t
+    if (dist := process_group()) is None: return t
+    u = t.to(_comm_device(dist))
+    dist.all_reduce(u)
+    return u.to(t.device)
+
+def agreed(value, how='max'):  # how: 'max' (any process's largest) or 'rank0' (rank 0's decision)
+    "Number `value` as every process agrees on it: the largest of all, or rank 0's; `value` itself alone."
+    if (dist := process_group()) is None: return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_comm_device(dist))
+    if how == 'max': dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    elif how == 'rank0': dist.broadcast(t, 0)
+    else: raise ValueError(f"agreed: how is 'max' or 'rank0', not {how!r}")
+    return type(value)(t.item())
 
 class MetricsCB(Callback):
     ("Track the mean train loss (finite batches; the non-finite share apart) and validation metrics in "

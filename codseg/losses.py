@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch, torch.nn as nn, torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['LOSSES', 'bce_loss', 'dice_loss', 'structure_weights', 'structure_loss', 'CODLoss']
+__all__ = ['LOSSES', 'bce_loss', 'dice_loss', 'structure_weights', 'structure_loss', 'balance_loss', 'CODLoss']
 
 # %% ../nbs/05_losses.ipynb #98089052
 def _f32(logits: torch.Tensor, mask: torch.Tensor):
@@ -48,12 +48,27 @@ def structure_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # %% ../nbs/05_losses.ipynb #fd5ed9ca
 LOSSES = {'structure': structure_loss, 'dice': dice_loss, 'bce': bce_loss}
 
+def balance_loss(route: torch.Tensor,  # routing statistics summed over images (2, E): pick shares, probabilities
+                 sum_over=None) -> torch.Tensor:  # DDP: sums a tensor over the processes (an all-reduce)
+    "The MoE balance loss `E * sum_e f_e * P_e`; with `sum_over`, of every process's images together."
+    if sum_over is not None and torch.is_grad_enabled(): route = _global_route(route, sum_over)
+    share, probs = route.float()
+    n = share.sum()  # images: each spreads a share of 1 over its picks
+    return route.shape[1] * (share / n * probs / n).sum()
+
+def _global_route(route, sum_over):
+    "`route` summed over the processes; its gradient is this process's, times their number (DDP averages)."
+    tot = sum_over(torch.cat([route.detach().flatten(), route.new_ones(1)]))  # the 1s count the processes
+    world, tot = tot[-1], tot[:-1].view_as(route)
+    return tot + world * (route - route.detach())
+
 class CODLoss(nn.Module):
     "Main + deep-supervision + MoE-balance loss on a CODNet output dict; returns (loss, parts)."
-    def __init__(self, kind: str, aux_weight: float, balance_weight: float):
+    def __init__(self, kind: str, aux_weight: float, balance_weight: float,
+                 sum_over=None):  # DDP: sums a tensor over the processes, for the balance of the global batch
         super().__init__()
         if kind not in LOSSES: raise ValueError(f"--loss {kind}: choose one of {', '.join(LOSSES)}")
-        self.kind, self.fn = kind, LOSSES[kind]
+        self.kind, self.fn, self.sum_over = kind, LOSSES[kind], sum_over
         self.aux_weight, self.balance_weight = aux_weight, balance_weight
 
     def _aux(self, a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -65,7 +80,7 @@ class CODLoss(nn.Module):
         main = self.fn(out['logits'], mask)
         aux = [self._aux(a, mask) for a in out.get('aux', [])]
         aux = torch.stack(aux).mean() if aux else main.new_zeros(())
-        balance = out['balance'].float() if 'balance' in out else main.new_zeros(())
+        balance = balance_loss(out['route'], self.sum_over) if 'route' in out else main.new_zeros(())
         loss = main + self.aux_weight * aux + self.balance_weight * balance
         parts = {'main': main, 'aux': aux, 'balance': balance, 'total': loss}
         return loss, {k: v.detach() for k, v in parts.items()}

@@ -220,7 +220,7 @@ class CueExperts(nn.Module):
 
 # %% ../nbs/04_model.ipynb #c49900d2
 class Router(nn.Module):
-    "Image-level top-k router: (gates (B,k) summing to 1, expert ids (B,k), balance loss)."
+    "Image-level top-k router: (gates (B,k) summing to 1, expert ids (B,k), routing statistics (2,E))."
     def __init__(self, channels: int, num_experts: int, top_k: int):
         super().__init__()
         if not 1 <= top_k <= num_experts:
@@ -232,28 +232,29 @@ class Router(nn.Module):
         top, idx = logits.topk(self.top_k, dim=1)
         probs = logits.softmax(1)
         picks = torch.zeros_like(probs).scatter_add_(1, idx, torch.ones_like(top))
-        balance = probs.shape[1] * (picks.mean(0) / self.top_k * probs.mean(0)).sum()
-        return top.softmax(1), idx, balance
+        # summed over the batch, so that processes can add theirs up: each image's share of picks, probabilities
+        route = torch.stack([picks.sum(0) / self.top_k, probs.sum(0)])
+        return top.softmax(1), idx, route
 
 class CueMoE(nn.Module):
-    ("Mixture of camouflage-cue experts with top-k routing per image; returns (x + mixed expert outputs, balance "
-     "loss).")
+    ("Mixture of camouflage-cue experts with top-k routing per image; returns (x + mixed expert outputs, routing "
+     "statistics).")
     def __init__(self, channels: int, num_experts: int, top_k: int):
         super().__init__()
         self.router, self.experts = Router(channels, num_experts, top_k), CueExperts(channels, num_experts)
 
     def forward(self, x: torch.Tensor):
-        gates, idx, balance = self.router(x)
-        return x + self.experts(x, idx, gates).to(x.dtype), balance
+        gates, idx, route = self.router(x)
+        return x + self.experts(x, idx, gates).to(x.dtype), route
 
     def forward_per_sample(self, x: torch.Tensor):
         ("The same experts applied in a loop over images and their top-k picks, each written out plainly "
          "(reference and benchmark).")
-        gates, idx, balance = self.router(x)
+        gates, idx, route = self.router(x)
         out = [x[b:b + 1] + sum(gates[b, j] * self.experts.expert(x[b:b + 1], e)
                                 for j, e in enumerate(idx[b].tolist()))
                for b in range(x.shape[0])]
-        return torch.cat(out), balance
+        return torch.cat(out), route
 
 # %% ../nbs/04_model.ipynb #f64e6932
 class Fuse(nn.Module):
@@ -313,12 +314,12 @@ class CODNet(nn.Module):
     def forward(self, x: torch.Tensor) -> dict:
         feats = self.backbone(x)                                   # fine to coarse, strides from feature_info
         lats = [lat(f) for lat, f in zip(self.laterals, feats)]    # all decoder_channels wide
-        y, balance = self.moe(lats[-1])                            # camouflage-cue experts on the coarsest map
+        y, route = self.moe(lats[-1])                              # camouflage-cue experts on the coarsest map
         aux = [self.sides[-1](y)]
         for i in reversed(range(len(lats) - 1)):                   # top-down, coarse to fine
             y = self.fuse[i](lats[i], y)
             if i: aux.append(self.sides[i - 1](y))
-        return {'logits': upsample_to(self.head(y), x), 'aux': aux, 'balance': balance}
+        return {'logits': upsample_to(self.head(y), x), 'aux': aux, 'route': route}
 
     def train(self, mode: bool = True):
         "Set train/eval mode; norm layers of frozen backbone stages stay in eval mode."

@@ -4,17 +4,19 @@
 
 # %% ../nbs/09a_runtime.ipynb #4389bd4b
 from __future__ import annotations
-import os, random, shutil, warnings, zipfile
+import ctypes, hashlib, os, random, shutil, signal, socket, sys, threading, warnings, zipfile
 from dataclasses import replace
 from pathlib import Path
 import numpy as np
 import torch
 from .config import from_dict
-from .errors import CHECKPOINT_FIX
+from .errors import CHECKPOINT_FIX, UsageError
 
 # %% auto #0
-__all__ = ['ARCH', 'pick_device', 'Dist', 'seed_everything', 'save_atomic', 'copy_atomic', 'CheckpointPair', 'load_checkpoint',
-           'rng_state', 'set_rng_state', 'find_resume', 'check_same_arch', 'model_state', 'model_from_checkpoint']
+__all__ = ['PR_SET_PDEATHSIG', 'STOP_SIGNALS', 'SHARED_FIX', 'ARCH', 'pick_device', 'elastic_restart', 'end_with_parent', 'Dist',
+           'StopWatch', 'seed_everything', 'save_atomic', 'copy_atomic', 'CheckpointPair', 'load_checkpoint',
+           'rng_state', 'set_rng_state', 'find_resume', 'shared_resume', 'check_same_arch', 'model_state',
+           'model_from_checkpoint']
 
 # %% ../nbs/09a_runtime.ipynb #2506266e
 def pick_device(device='auto',  # auto, cpu, cuda or cuda:N
@@ -25,19 +27,97 @@ def pick_device(device='auto',  # auto, cpu, cuda or cuda:N
         raise RuntimeError(f'--device {device}: no CUDA GPU is visible; use --device cpu (or auto)')
     return torch.device(f'cuda:{local}' if device == 'cuda' and local is not None else device)
 
+def elastic_restart() -> int:
+    "How often torchrun has restarted this job's workers (`--max-restarts`); 0 for a first start or no torchrun."
+    return int(os.environ.get('TORCHELASTIC_RESTART_COUNT') or 0)
+
+PR_SET_PDEATHSIG = 1  # Linux prctl(2): the signal a process gets when its parent dies
+
+def end_with_parent() -> bool:
+    "Under torchrun, have Linux send this worker SIGTERM when its agent dies: a killed agent leaves no orphans."
+    if 'TORCHELASTIC_RUN_ID' not in os.environ or not sys.platform.startswith('linux'): return False
+    try: return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM)) == 0
+    except (OSError, AttributeError): return False
+
 class Dist:
     "Where this process runs: `rank`, `world`, `device`; `main` is the one that writes."
     def __init__(self, device='auto'):  # auto, cpu, cuda or cuda:N
         self.world, self.rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
         local = int(os.environ.get('LOCAL_RANK', 0))
         self.device = pick_device(device, local if self.world > 1 else None)
+        self.host = socket.gethostname()
         if self.device.type == 'cuda': torch.cuda.set_device(self.device)
         if self.world > 1 and not torch.distributed.is_initialized():
+            end_with_parent()
             torch.distributed.init_process_group('nccl' if self.device.type == 'cuda' else 'gloo')
     @property
     def main(self): return self.rank == 0
     def barrier(self):
         if self.world > 1: torch.distributed.barrier()
+    def from_rank0(self, obj):
+        "Rank 0's `obj` (any picklable value), on every process."
+        if self.world == 1: return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, 0)
+        return box[0]
+    def agree(self, what: str, mine, fix: str):  # mine: how this process sees `what` (picklable, comparable)
+        "Stop every process with the same one line when they see `what` differently; the line names `fix`."
+        if self.world == 1: return mine
+        views = [None] * self.world
+        torch.distributed.all_gather_object(views, (self.host, mine))
+        odd = next((r for r, v in enumerate(views) if v[1] != views[0][1]), None)
+        if odd is None: return mine
+        (h0, v0), (h, v) = views[0], views[odd]
+        raise UsageError(f'the {self.world} processes disagree on {what}: rank 0 (on {h0}) {v0}, rank {odd} '
+                         f'(on {h}) {v}; {fix}')
+
+# %% ../nbs/09a_runtime.ipynb #3f53e51f
+STOP_SIGNALS = tuple(getattr(signal, s) for s in ('SIGINT', 'SIGTERM', 'SIGUSR1', 'SIGHUP') if hasattr(signal, s))
+
+def _stderr(msg: str): os.write(2, msg.encode())
+
+class StopWatch:
+    "End the process from a thread when its main thread cannot: at a second Ctrl-C, or `grace` s after a stop signal."
+    def __init__(self, grace=None,  # seconds a process may take to stop after its first stop signal (None: no limit)
+                 say=_stderr):
+        self.grace, self.say, self.fds, self.timer, self.old = grace, say, None, None, -1
+
+    def start(self):
+        "Watch for stop signals through Python's wakeup fd, written to even while the main thread is blocked."
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        self.old, self.fds = signal.set_wakeup_fd(w, warn_on_full_buffer=False), (r, w)
+        threading.Thread(target=self._watch, args=(r,), daemon=True, name='codseg-stopwatch').start()
+        return self
+
+    def _watch(self, r):
+        first = None
+        while (b := os.read(r, 1)) != b'\0':  # a 0 byte: stop() was called
+            s = b[0]
+            if s not in STOP_SIGNALS: continue
+            if first is not None and s == signal.SIGINT: self._end(s, 'a second Ctrl-C')
+            if first is None and self.grace is not None:
+                self.timer = threading.Timer(self.grace, self._end,
+                                             (s, f'still running {self.grace:g}s after {signal.Signals(s).name}'))
+                self.timer.daemon = True
+                self.timer.start()
+            first = s if first is None else first
+        os.close(r)
+
+    def _end(self, signum, why):
+        "End the process at once with status 128 + `signum`, saying why."
+        self.say(f'\ncodseg: {why}: ended at once (last.pth holds the last save)\n')
+        os._exit(128 + signum)
+
+    def stop(self):
+        "Stop watching; the previous wakeup fd is put back."
+        if self.fds is None: return
+        if self.timer is not None: self.timer.cancel()
+        signal.set_wakeup_fd(self.old)
+        r, w = self.fds
+        os.write(w, b'\0')
+        os.close(w)
+        self.fds = None
 
 # %% ../nbs/09a_runtime.ipynb #9ecb7ffd
 def seed_everything(seed):
@@ -210,6 +290,26 @@ def find_resume(cfg, kaggle_input='/kaggle/input'):
     found = [p for root in (Path(cfg.checkpoint_dir), Path(kaggle_input)) if root.is_dir()
              for p in root.rglob('last.pth') if CheckpointPair.folder not in p.parts and p.is_file()]
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+# %% ../nbs/09a_runtime.ipynb #dacb9be2
+def _view(path) -> str:
+    "What this process sees at checkpoint `path`: its size and content digest, or that it cannot read it."
+    if path is None: return 'starts fresh (no checkpoint)'
+    try:
+        h = hashlib.blake2b(digest_size=8)
+        with open(path, 'rb') as f:
+            while chunk := f.read(1 << 23): h.update(chunk)
+    except OSError as e: return f'cannot read {path} ({e.strerror or e})'
+    return f'reads {path} ({os.path.getsize(path)} bytes, digest {h.hexdigest()})'
+
+SHARED_FIX = ('put --checkpoint-dir (and any checkpoint --resume-from names) on storage every node shares, the same '
+              'path on each, or run on one machine')
+
+def shared_resume(cfg, dist, kaggle_input='/kaggle/input'):
+    "The checkpoint every process resumes from: rank 0's choice, refused in one line where a process sees it otherwise."
+    src = dist.from_rank0(find_resume(cfg, kaggle_input) if dist.main else None)
+    dist.agree('the checkpoint to resume from', _view(src), SHARED_FIX)
+    return src
 
 # %% ../nbs/09a_runtime.ipynb #6b0f1ec8
 ARCH = ('backbone', 'num_experts', 'top_k')

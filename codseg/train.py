@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_train.ipynb #308254e7
 from __future__ import annotations
-import argparse, csv, json, math, os, signal, sys, time
+import argparse, csv, hashlib, json, math, os, secrets, signal, sys, time
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -12,17 +12,18 @@ import torch
 from .config import Config, resolve, add_args, from_args, to_dict, from_dict, save_config, DATA, MODEL, PLAN, TRAIN
 from .errors import DATASET_REQUIRED
 from .runtime import (Dist, pick_device, seed_everything, CheckpointPair, copy_atomic, load_checkpoint,
-                            rng_state,
-                            set_rng_state, find_resume, check_same_arch, model_state, model_from_checkpoint)
-from .learner import (Learner, Callback, CancelFitException, LRPlanCB, AMPCB, GradGuardCB, EMACB, MetricsCB,
-                            ProgressCB, TrainingDiverged, DIVERGE_ADVICE, pick_precision, all_reduce_sum, unwrap)
+                            rng_state, set_rng_state, find_resume, shared_resume, check_same_arch, model_state,
+                            model_from_checkpoint, elastic_restart, StopWatch, STOP_SIGNALS, SHARED_FIX)
+from .learner import (Learner, Callback, CancelFitException, CancelValidateException, LRPlanCB, AMPCB,
+                            GradGuardCB, EMACB, MetricsCB, ProgressCB, TrainingDiverged, DIVERGE_ADVICE,
+                            pick_precision, agreed, all_reduce_sum, unwrap)
 from .track import (HISTORY_EXTRA, LABELS, best_row, best_so_far, epoch_tail, is_better, monitor_key,
                           track_callbacks)
 
 # %% auto #0
-__all__ = ['PLATEAU_ADVICE', 'unfrozen_stages', 'StageCB', 'ChannelsLastCB', 'fast_model', 'HistoryCB', 'guide_lr', 'epoch_line',
-           'write_history', 'plot_history', 'WatchCB', 'RunState', 'CheckpointCB', 'SessionLimitCB', 'StopSignalCB',
-           'Run', 'quiet_worker', 'make_learner', 'train', 'banner', 'validate', 'train_cli']
+__all__ = ['PLATEAU_ADVICE', 'STOP_GRACE', 'unfrozen_stages', 'StageCB', 'ChannelsLastCB', 'fast_model', 'HistoryCB', 'guide_lr',
+           'epoch_line', 'write_history', 'plot_history', 'WatchCB', 'RunState', 'CheckpointCB', 'SessionLimitCB',
+           'StopSignalCB', 'Run', 'quiet_worker', 'make_learner', 'train', 'banner', 'validate', 'train_cli']
 
 # %% ../nbs/10_train.ipynb #1fa91f6b
 def unfrozen_stages(epoch, cfg, n_stages, stage):
@@ -46,7 +47,8 @@ class StageCB(Callback):
         else: unfreeze_backbone(model, k)
         learn.train_dl = self.loaders[self.plan.stage(learn.epoch)]
         learn.train_dl.sampler.set_epoch(learn.epoch, learn.skip_batches * learn.train_dl.batch_size)
-        if self.dist.world > 1 and self.key != k:
+        # under DDP: wrapped for the first epoch, whatever its stage, and again when the trainable set changes
+        if self.dist.world > 1 and (learn.model is learn.core or self.key != k):
             self.key = k
             self._wrap(learn)
     def _wrap(self, learn):
@@ -222,56 +224,76 @@ class SessionLimitCB(Callback):
         self.done += 1
         now = time.time()
         over = self.hours is not None and (now + (now - self.te) - self.t0) / 3600 > self.hours
-        if (self.n is not None and self.done >= self.n) or over:
+        # rank 0's count and clock decide for every process: their clocks may differ
+        if agreed(int((self.n is not None and self.done >= self.n) or over), 'rank0'):
             learn.stopped = 'session limit'
             raise CancelFitException()
 
 class StopSignalCB(Callback):
-    "On SIGINT or SIGTERM, save a resumable last.pth at the next step boundary (or epoch end), then stop."
+    ("On SIGINT, SIGTERM, SIGUSR1 or SIGHUP, save a resumable last.pth at the next step boundary (or before "
+     "validation), then stop.")
     order = 90
-    def __init__(self, state, pair, metrics, ema=None, say=print):  # pair None: not the writing process
+    def __init__(self, state, pair, metrics, ema=None, say=print,  # pair None: not the writing process
+                 grace=None):  # seconds a stopping process may take before it is ended (None: no limit)
         self.state, self.pair, self.metrics, self.ema = state, pair, metrics, ema
-        self.say = say
-        self.signum, self.old = 0, {}
+        self.say, self.grace = say, grace
+        self.signum, self.old, self.watch, self.batches = 0, {}, None, 0
     def before_fit(self, learn):
         self.old = {}
         try:
-            for s in (signal.SIGINT, signal.SIGTERM): self.old[s] = signal.signal(s, self._on_signal)
+            for s in STOP_SIGNALS: self.old[s] = signal.signal(s, self._on_signal)
         except ValueError: self.old = {}  # not the main thread: no handlers
+        else: self.watch = StopWatch(self.grace).start() if not _in_notebook() else None
     def _on_signal(self, signum, frame):
-        "Note the first signal; a second Ctrl-C interrupts at once (a repeated SIGTERM, as torchrun sends, waits)."
-        if self.signum == signum == signal.SIGINT: signal.default_int_handler(signum, frame)
+        "Note the first signal; a second Ctrl-C ends at once (a repeated SIGTERM, as torchrun sends, waits)."
+        if self.signum == signum == signal.SIGINT and self.watch is None: signal.default_int_handler(signum, frame)
         self.signum = self.signum or signum
     def _agreed(self):
         "The stop signal any process got (0: none), the same on every process at the same step."
-        import torch.distributed as dist
-        if not (dist.is_available() and dist.is_initialized()): return self.signum  # no tensor, no host read
-        t = torch.tensor([self.signum], device='cuda' if dist.get_backend() == 'nccl' else 'cpu')
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
+        return agreed(self.signum)
     def after_step(self, learn):
         if not (signum := self._agreed()): return
-        if self.pair is not None:
-            last = self.pair.save(self.state.checkpoint(learn, learn.epoch, learn.iter + 1, self.ema,
-                                                        self.metrics.loss_sum))
-            self.say(f'\nStopped by {signal.Signals(signum).name} in epoch {learn.epoch + 1} '
-                     f'after batch {learn.iter + 1}: '
-                     f'saved {last}; resume with --resume-from auto (or that path).')
+        self._save(learn, signum, learn.iter + 1, f'in epoch {learn.epoch + 1} after batch {learn.iter + 1}')
         self._stop(learn, signum)
-    def after_epoch(self, learn):  # a signal during validation: the epoch's checkpoint (CheckpointCB) is the save
+    after_cancel_step = after_step  # a skipped step is a step boundary too
+    def after_train(self, learn): self.batches = learn.n_batches  # a save from now on comes before validation
+    def after_batch(self, learn):  # validation: this process's own signal cuts the pass short
+        if not learn.training and self.signum: raise CancelValidateException()
+    def after_validate(self, learn):  # every process, after the same collectives (MetricsCB's)
+        if not (signum := self._agreed()): return
+        self._save(learn, signum, self.batches, f'in epoch {learn.epoch + 1} before its validation')
+        self._stop(learn, signum)
+    after_cancel_validate = after_validate
+    def after_epoch(self, learn):  # a signal while the epoch's checkpoint was written: that checkpoint is the save
         if not (signum := self._agreed()): return
         if self.pair is not None:
             self.say(f'\nStopped by {signal.Signals(signum).name} after epoch {learn.epoch + 1}: '
                      f'{self.pair.out/"last.pth"} '
                      'holds it; resume with --resume-from auto (or that path).')
         self._stop(learn, signum)
+    def _save(self, learn, signum, batch, where):
+        "Save the resumable checkpoint of (this epoch, `batch` batches done) and say so (the writing process)."
+        loss_sum = all_reduce_sum(self.metrics.loss_sum.clone())  # every process's share: a resume carries all
+        if self.pair is None: return
+        last = self.pair.save(self.state.checkpoint(learn, learn.epoch, batch, self.ema, loss_sum))
+        self.say(f'\nStopped by {signal.Signals(signum).name} {where}: saved {last}; '
+                 'resume with --resume-from auto (or that path).')
     def _stop(self, learn, signum):
         learn.stopped, learn.signum = 'signal', signum
         raise CancelFitException()
     def cleanup_fit(self, learn):  # after a stop, the end, or an error: the handlers that were there before
+        if self.watch is not None: self.watch.stop()
+        self.watch = None
         for s, h in self.old.items(): signal.signal(s, h)
 
+
 # %% ../nbs/10_train.ipynb #8c12c2f8
+def _data_view(data) -> str:
+    "The training and validation pairs a process found, in a few words that compare across processes."
+    names = [p.name for ds in (data.train_ds, data.val_ds) for p in ds.pairs]
+    digest = hashlib.blake2b('\n'.join(names).encode(), digest_size=8).hexdigest()
+    return f'finds {len(data.train_ds)} training and {len(data.val_ds)} validation pairs (names digest {digest})'
+
 class Run:
     "Everything a training run is made of, before the loop starts."
     def __init__(self, cfg: Config, dist: Dist, kaggle_input='/kaggle/input', say=print):
@@ -281,7 +303,10 @@ class Run:
         if not self.cfg.dataset_path:
             raise ValueError(DATASET_REQUIRED)
         self.precision = pick_precision(dist.device, self.cfg.precision)  # (autocast dtype or None, why)
-        self.src = find_resume(self.cfg, kaggle_input)
+        if elastic_restart() and not self.cfg.resume_from:  # torchrun --max-restarts: go on from the last save
+            self.cfg = replace(self.cfg, resume_from='auto')
+            self.say(f'torchrun restart {elastic_restart()}: resuming from the newest last.pth (--resume-from auto)')
+        self.src = shared_resume(self.cfg, dist, kaggle_input)  # rank 0's choice; every process sees the same file
         self.ckpt = load_checkpoint(self.src) if self.src else None
         if self.ckpt is not None and 'config' in self.ckpt:
             check_same_arch(self.ckpt['config'], self.cfg, self.src)
@@ -293,6 +318,7 @@ class Run:
         if self.full: self._newer_best()
         self.data = build_data(self.cfg, self.model.mean, self.model.std)
         self.n_train = len(self.data.train_ds)
+        dist.agree('the data', _data_view(self.data), 'give every node the same dataset at the same --dataset-path')
         self.plan, self.note = self._plan()
 
     def _load_weights(self):
@@ -335,7 +361,12 @@ def quiet_worker(init, worker_id):
     "A DataLoader worker's start: leave a SIGINT or SIGTERM to the process group to the main process; then `init`."
     os.setpgid(0, 0)  # its own group: a signal to the run's group (a kernel or session stopping) does not reach it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # SIGTERM keeps torch's handler: the main process can end it
+    signal.set_wakeup_fd(-1)  # the main process's StopWatch pipe is not this process's
     if init is not None: init(worker_id)
+
+STOP_GRACE = 30  # seconds a DDP process may take to stop after a stop signal before it is ended (as torchrun does)
+
+def _in_notebook() -> bool: return 'ipykernel' in sys.modules  # a second interrupt must not end the kernel
 
 def make_learner(run: Run, extra_cbs=()):
     "The `Learner` for `run`, its optimizer, state restored from the resume checkpoint."
@@ -354,14 +385,16 @@ def make_learner(run: Run, extra_cbs=()):
     model = run.model.to(dist.device)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     core = fast_model(model, cfg, dist.device)
-    loss_fn = CODLoss(cfg.loss, aux_weight=cfg.aux_weight, balance_weight=cfg.balance_weight)
+    loss_fn = CODLoss(cfg.loss, aux_weight=cfg.aux_weight, balance_weight=cfg.balance_weight,
+                      sum_over=all_reduce_sum if dist.world > 1 else None)  # DDP: the global batch's balance
     state = RunState(cfg, plan, *((ck['history'], ck['best_iou'], ck['best_epoch']) if ck else ()),
                      best_score=best_so_far(ck, cfg.monitor)[0])
     out = Path(cfg.checkpoint_dir) if dist.main else None
     pair = CheckpointPair(out) if out else None  # last.pth and best_model.pth, written by rank 0
     epoch, skip = run.start
     step = state.next_step(epoch, skip)
-    metrics = MetricsCB(SegMeter(), ck.get('loss_sum') if ck and skip else None)
+    # the epoch's loss sums so far, of every process: rank 0 carries them on
+    metrics = MetricsCB(SegMeter(), ck.get('loss_sum') if ck and skip and dist.main else None)
     ema = EMACB(model, cfg.ema_decay, ck and ck.get('ema')) if cfg.ema else None
     dtype, last = run.precision[0], ck['history'][-1] if ck and ck['history'] else {}
     cbs = [StageCB(cfg, plan, loaders, dist),  # the stage's frozen/unfrozen backbone and loader; DDP re-wrap
@@ -372,7 +405,8 @@ def make_learner(run: Run, extra_cbs=()):
            ProgressCB(None if dist.main else True, say=run.say),  # a bar, or plain lines in logs
            HistoryCB(plan, out, run.say, run.data.found.test_trained()),  # the epoch line, history.csv, curves.png
            WatchCB(run.say),  # divergence stops; a plateau warns
-           StopSignalCB(state, pair, metrics, ema, run.say),  # SIGINT/SIGTERM: a resumable save, then stop
+           # SIGINT/SIGTERM/SIGUSR1/SIGHUP: a resumable save, then stop
+           StopSignalCB(state, pair, metrics, ema, run.say, STOP_GRACE if dist.world > 1 else None),
            *([CheckpointCB(state, pair, ema, run.say)] if pair else []),  # best_model.pth, last.pth (rank 0)
            *([AMPCB(dtype, ck and ck.get('scaler'))] if dtype else []),  # autocast; fp16's grad scaler
            *([ema] if ema else []),  # --ema: the EMA weights, validated
@@ -403,6 +437,7 @@ def train(cfg: Config = None, callbacks=(), kaggle_input='/kaggle/input', say=pr
         run.say(json.dumps(to_dict(cfg), indent=2))
         return {'dry_run': True, 'plan': run.plan}
     if dist.main: _claim_dir(out, run)
+    _check_shared(out, dist)
     learn = make_learner(run, callbacks)
     epoch, _ = run.start
     learn.fit(range(epoch, run.plan.epochs))  # StopSignalCB puts the signal handlers back in its cleanup_fit
@@ -425,6 +460,17 @@ def banner(run) -> str:
     return '\n'.join([f'codseg: {run.cfg.backbone} x{run.cfg.num_experts} experts on {d.device}{procs}, AMP {amp}',
                       f'Precision: {run.precision[1]}', run.data.summary, f'Plan: {run.note}',
                       run.plan.summary(), *warn])
+
+def _check_shared(out, dist):
+    "Stop every process in one line unless they all see the checkpoint folder rank 0 claimed (shared storage)."
+    if dist.world == 1: return
+    token = dist.from_rank0(secrets.token_hex(8) if dist.main else None)
+    if dist.main: (out/'.codseg-run').write_text(token)
+    dist.barrier()
+    try: seen = (out/'.codseg-run').read_text() == token
+    except OSError: seen = False
+    dist.agree(f'--checkpoint-dir {out}', 'sees the folder rank 0 writes' if seen else 'sees another folder there',
+               SHARED_FIX)
 
 def _claim_dir(out, run):
     "Create the checkpoint folder, clear temporary files a killed run left; refuse to overwrite an earlier run."

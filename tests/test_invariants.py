@@ -237,7 +237,7 @@ def test_structure_loss_by_hand():
     t = lambda a: torch.tensor(a, dtype=torch.float32)
     loss, parts = CODLoss('structure', aux_weight=0.5, balance_weight=0.01)({'logits': t(logits)}, t(mask))
     assert float(parts['main']) == pytest.approx(hand, rel=1e-5) and float(loss) == pytest.approx(hand, rel=1e-5)
-    aux = {'logits': t(logits), 'aux': [t(logits[..., ::2, ::2].copy())], 'balance': torch.tensor(2.0)}
+    aux = {'logits': t(logits), 'aux': [t(logits[..., ::2, ::2].copy())], 'route': torch.tensor([[1.0, 0.0], [1.0, 0.0]])}  # balance 2
     loss, parts = CODLoss('structure', aux_weight=0.5, balance_weight=0.01)(aux, t(mask))
     assert float(loss) == pytest.approx(float(parts['main']) + 0.5 * float(parts['aux']) + 0.02, rel=1e-6)
 

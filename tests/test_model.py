@@ -5,7 +5,7 @@ import numpy as np, pytest, timm, torch
 from codseg.config import Config
 from codseg.model import (CODNet, CueMoE, build_model, freeze_backbone, unfreeze_backbone, n_backbone_stages,
                           param_groups, stage_params, create_backbone)
-from codseg.losses import CODLoss
+from codseg.losses import CODLoss, balance_loss
 from codseg.metrics import SegMeter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ def test_small_shapes_train_batch1(small, size):
     out = small(torch.randn(1, 3, *size))
     assert out['logits'].shape == (1, 1, *size)
     assert len(out['aux']) == n_backbone_stages(small) - 1 and all(a.shape[:2] == (1, 1) for a in out['aux'])
-    assert out['balance'].ndim == 0 and torch.isfinite(out['balance'])
+    assert out['route'].shape == (2, 7) and torch.isfinite(out['route']).all()
 
 @pytest.mark.parametrize('size', [(384, 384), (352, 480)])
 def test_base_shapes(base, size):
@@ -67,15 +67,15 @@ def test_routing_vectorised_equals_loop_and_balance():
     torch.manual_seed(0)
     moe = CueMoE(64, 7, 2)
     x = torch.randn(8, 64, 12, 15)
-    (a, ba), (b, bb) = moe(x), moe.forward_per_sample(x)
-    assert torch.allclose(a, b, atol=1e-5) and torch.equal(ba, bb)
+    (a, ra), (b, rb) = moe(x), moe.forward_per_sample(x)
+    assert torch.allclose(a, b, atol=1e-5) and torch.equal(ra, rb)
     _, idx, _ = moe.router(x)
     assert idx.shape == (8, 2) and (idx[:, 0] != idx[:, 1]).all()
     with torch.no_grad():
         moe.router.proj.weight.zero_(); moe.router.proj.bias.zero_()
-        uniform = moe.router(x)[2].item()
+        uniform = balance_loss(moe.router(x)[2]).item()
         moe.router.proj.bias[3:5] = 30.0
-        collapsed = moe.router(x)[2].item()
+        collapsed = balance_loss(moe.router(x)[2]).item()
     assert abs(uniform - 1) < 1e-5 and collapsed > 3.4
 
 def test_param_groups_cover_everything(small):
