@@ -21,9 +21,10 @@ from .track import (HISTORY_EXTRA, LABELS, best_row, best_so_far, epoch_tail, is
                           track_callbacks)
 
 # %% auto #0
-__all__ = ['PLATEAU_ADVICE', 'STOP_GRACE', 'unfrozen_stages', 'StageCB', 'ChannelsLastCB', 'fast_model', 'HistoryCB', 'guide_lr',
-           'epoch_line', 'write_history', 'plot_history', 'WatchCB', 'RunState', 'CheckpointCB', 'SessionLimitCB',
-           'StopSignalCB', 'Run', 'quiet_worker', 'make_learner', 'train', 'banner', 'validate', 'train_cli']
+__all__ = ['PLATEAU_ADVICE', 'STOP_GRACE', 'unfrozen_stages', 'param_strides', 'StageCB', 'ChannelsLastCB', 'fast_model',
+           'HistoryCB', 'guide_lr', 'epoch_line', 'write_history', 'plot_history', 'WatchCB', 'RunState',
+           'CheckpointCB', 'SessionLimitCB', 'StopSignalCB', 'Run', 'quiet_worker', 'make_learner', 'train', 'banner',
+           'validate', 'train_cli']
 
 # %% ../nbs/10_train.ipynb #1fa91f6b
 def unfrozen_stages(epoch, cfg, n_stages, stage):
@@ -34,11 +35,17 @@ def unfrozen_stages(epoch, cfg, n_stages, stage):
     return min(n_stages, 1 + max(0, epoch - cfg.stage1_epochs) // every)
 
 # %% ../nbs/10_train.ipynb #d6772c02
+def param_strides(p, g):
+    "Gradient `g` with parameter `p`'s strides where the two differ only in size-1 dimensions (the same memory)."
+    if g.stride() == p.stride() or not (g.is_contiguous() and p.is_contiguous()): return g
+    return g.as_strided(g.shape, p.stride(), g.storage_offset())
+
 class StageCB(Callback):
     "Freeze or unfreeze the backbone for each epoch's stage, pick that stage's loader, re-wrap DDP when needed."
     order = -20
     def __init__(self, cfg, plan, loaders, dist):
         self.cfg, self.plan, self.loaders, self.dist, self.key = cfg, plan, loaders, dist, None
+        self.hooked = set()  # ids of the parameters whose gradients get their strides (`param_strides`)
     def before_epoch(self, learn):
         from codseg.model import freeze_backbone, unfreeze_backbone, n_backbone_stages
         model = unwrap(learn.model)
@@ -54,6 +61,10 @@ class StageCB(Callback):
     def _wrap(self, learn):
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [self.dist.device.index] if self.dist.device.type == 'cuda' else None
+        for p in learn.core.parameters():  # DDP's buckets take each parameter's strides: so do its gradients
+            if p.requires_grad and id(p) not in self.hooked:
+                p.register_hook(partial(param_strides, p))
+                self.hooked.add(id(p))
         # every parameter gets a gradient (the experts are stacked): no search for unused ones
         learn.model = DDP(learn.core, device_ids=ids, find_unused_parameters=False)
         learn.no_sync = learn.model.no_sync
