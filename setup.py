@@ -19,6 +19,11 @@ setuptools.setup(
     license='Apache-2.0',
     keywords=cfg['keywords'].split(),
     python_requires=f">={cfg['min_python']}",
+    # package_dir {'': '.'}: `pip install -e .` then adds this folder to sys.path (a .pth line) instead of
+    # installing an import hook that Python asks only after searching sys.path; so a folder named codseg in the
+    # current folder (this clone's root seen from its parent: no __init__.py) is no longer imported as an empty
+    # namespace package without __version__: the regular package found on sys.path wins.
+    package_dir={'': '.'},
     packages=setuptools.find_packages(include=[cfg['lib_name'], cfg['lib_name'] + '.*']),
     include_package_data=True,
     install_requires=cfg['requirements'].split(),

@@ -4,7 +4,7 @@
 
 # %% ../nbs/02a_cache.ipynb #07e0048a
 from __future__ import annotations
-import hashlib, json, math, os, sys, threading, warnings
+import hashlib, json, math, os, secrets, socket, sys, time, warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')  # no version check online (offline Kaggle sessions)
@@ -13,11 +13,11 @@ import cv2, numpy as np, torch
 from .config import Config
 from .errors import inside_input
 from .image import DataError, shrink_mask
-from .layout import Found, Pair
+from .layout import Found, Pair, _gone
 
 # %% auto #0
-__all__ = ['CACHE_VERSION', 'input_scale', 'work_size', 'cache_folder', 'entry_name', 'write_entry', 'read_entry', 'make_entry',
-           'fill_cache', 'use_cache', 'cache_data']
+__all__ = ['CACHE_VERSION', 'CHUNK', 'STALE', 'input_scale', 'work_size', 'cache_folder', 'entry_name', 'write_entry',
+           'read_entry', 'make_entry', 'fill_cache', 'use_cache', 'cache_data']
 
 # %% ../nbs/02a_cache.ipynb #9f656193
 def input_scale(transform, h: int, w: int) -> float:
@@ -64,7 +64,7 @@ def entry_name(pair: Pair, transform) -> str | None:
 # %% ../nbs/02a_cache.ipynb #6d0005e0
 def write_entry(path: Path, img: np.ndarray, mask: np.ndarray, size):
     "Store an entry at `path` atomically: the original (H, W), image and mask, as three arrays in one .npy."
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.{threading.get_ident()}.tmp')
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp')  # unique across hosts
     try:
         with open(tmp, 'wb') as f:
             for a in (np.asarray(size, np.int64), img, mask): np.save(f, a, allow_pickle=False)
@@ -98,22 +98,82 @@ def _make(ds, ip) -> int:
     except DataError: return 0
     return 1
 
-def fill_cache(ds, cache_dir, *, workers: int, rank: int = 0, world: int = 1) -> int:
-    "Make the missing entries of dataset `ds`'s pairs rank, rank + world, ... in `cache_dir`; how many."
+CHUNK = 16  # entries per claim: processes filling one cache folder take its missing entries this many at a time
+STALE = 120  # seconds a claim may go untouched before another process takes its chunk over
+
+def _chunks(paths: list) -> list[list[tuple[int, Path]]]:
+    "The (index, entry path) of `paths` that can have an entry, in chunks of `CHUNK`, in dataset order."
+    ips = [(i, p) for i, p in enumerate(paths) if p is not None]
+    return [ips[k:k + CHUNK] for k in range(0, len(ips), CHUNK)]
+
+def _claim_file(chunk: list) -> Path:
+    "The claim file of `chunk`: named by its entries, so every process making them (of any job) names the same."
+    key = hashlib.sha1(' '.join(p.name for _, p in chunk).encode()).hexdigest()[:16]
+    return chunk[0][1].with_name(f'.claim-{key}')
+
+def _create(path: Path, text: str) -> bool:
+    "Create file `path` holding `text` unless it exists (atomic: one process wins); whether this call did."
+    try: fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError: return False
+    with os.fdopen(fd, 'w') as f: f.write(text)
+    return True
+
+def _abandoned(path: Path, stale: float) -> bool:
+    "Whether claim `path` is left by an ended process of this host or untouched for `stale` s; it is moved away."
+    try: owner, age = path.read_text(), time.time() - path.stat().st_mtime
+    except OSError: return False  # released meanwhile
+    if age <= stale and not _gone(owner): return False
+    try: os.rename(path, aside := path.with_name(f'{path.name}.{secrets.token_hex(4)}.gone'))  # one process wins
+    except OSError: return False
+    aside.unlink(missing_ok=True)
+    return True
+
+def _claim(path: Path, stale: float) -> str | None:
+    "Claim `path` for this process, taking over an abandoned claim; the claim's text, or None: another holds it."
+    me = f'{socket.gethostname()} {os.getpid()} {secrets.token_hex(4)}'
+    return me if _create(path, me) or _abandoned(path, stale) and _create(path, me) else None
+
+def _release(path: Path, me: str):
+    "Remove claim `path` if it is still this process's (`me`)."
+    try:
+        if path.read_text() == me: path.unlink()
+    except OSError: pass
+
+def _fill_chunk(ds, chunk: list, stale: float) -> int | None:
+    "Make the missing entries of `chunk` under its claim; how many, or None while another process holds it."
+    if not (todo := [ip for ip in chunk if not ip[1].exists()]): return 0
+    claim = _claim_file(chunk)
+    if not (me := _claim(claim, stale)): return None
+    made = 0
+    try:
+        for ip in todo:
+            if ip[1].exists(): continue  # made by the process that held the claim before
+            made += _make(ds, ip)
+            try: os.utime(claim)  # alive: not to be taken over
+            except OSError: pass
+    finally: _release(claim, me)
+    return made
+
+def fill_cache(ds, cache_dir, *, workers: int, rank: int = 0, world: int = 1, stale: float = STALE) -> int:
+    "Make every missing entry of dataset `ds` in `cache_dir`, with any other process doing so; how many it made."
     from tqdm.auto import tqdm
-    paths = _entry_paths(ds, cache_dir, workers)
-    todo = [(i, p) for i, p in enumerate(paths) if p is not None and i % world == rank and not p.exists()]
-    if not todo: return 0
-    try: todo[0][1].parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e: return _read_only(cache_dir, e, len(todo))
-    made, desc = 0, f'codseg cache {todo[0][1].parent.name}'
-    with ThreadPoolExecutor(max(1, workers)) as ex, \
-            tqdm(total=len(todo), desc=desc, disable=rank != 0 or None, file=sys.stderr, leave=False) as bar:
+    chunks = [c for c in _chunks(_entry_paths(ds, cache_dir, workers)) if not all(p.exists() for _, p in c)]
+    if not chunks: return 0
+    n = sum(not p.exists() for c in chunks for _, p in c)
+    try: chunks[0][0][1].parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e: return _read_only(cache_dir, e, n)
+    k = len(chunks) * rank // max(1, world)
+    todo, made = chunks[k:] + chunks[:k], 0  # each process starts at its own place
+    with ThreadPoolExecutor(max(1, workers)) as ex, tqdm(total=sum(map(len, todo)), desc=f'codseg cache '
+            f'{chunks[0][0][1].parent.name}', disable=rank != 0 or None, file=sys.stderr, leave=False) as bar:
         try:
-            for n in ex.map(lambda ip: _make(ds, ip), todo):
-                made += n
-                bar.update()
-        except OSError as e: return made + _read_only(cache_dir, e, len(todo) - made)
+            while todo:
+                held = []
+                for c, m in zip(todo, ex.map(lambda c: _fill_chunk(ds, c, stale), todo)):
+                    if m is None: held.append(c)
+                    else: made += m; bar.update(len(c))
+                if todo := held: time.sleep(0.2)  # chunks other processes are making: wait for them
+        except OSError as e: return made + _read_only(cache_dir, e, n - made)
     return made
 
 def _read_only(cache_dir, e: OSError, n: int) -> int:
@@ -130,9 +190,10 @@ def use_cache(ds, cache_dir, workers: int) -> int:
 
 # %% ../nbs/02a_cache.ipynb #5edc6fca
 def _rank_world() -> tuple[int, int]:
-    "(rank, world size) of this process under torch.distributed, else (0, 1)."
+    "(rank, world size) of this process under torch.distributed, else as $RANK and $WORLD_SIZE say, else (0, 1)."
     d = torch.distributed
-    return (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else (0, 1)
+    if d.is_available() and d.is_initialized(): return d.get_rank(), d.get_world_size()
+    return int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
 
 def _outside_inputs(cfg: Config, found: Found):
     "Stop when `cfg.cache_dir` is inside the dataset or --val-path folder: codseg never writes into inputs."
@@ -144,11 +205,10 @@ def _outside_inputs(cfg: Config, found: Found):
                                          fix='pass a folder outside it, e.g. /kaggle/working/cache'))
 
 def cache_data(cfg: Config, found: Found, datasets: list) -> str:
-    "Make the missing entries of `datasets` in `cfg.cache_dir` (each process its share), attach them; a line."
+    "Make the missing entries of `datasets` in `cfg.cache_dir` (with the other processes), attach them; a line."
     _outside_inputs(cfg, found)
     (rank, world), workers = _rank_world(), max(1, cfg.num_workers)
     made = sum(fill_cache(ds, cfg.cache_dir, workers=workers, rank=rank, world=world) for ds in datasets)
-    if world > 1: torch.distributed.barrier()
     n = sum(use_cache(ds, cfg.cache_dir, workers) for ds in datasets)
     folder = cache_folder(cfg.cache_dir, datasets[0].transform)
     kept = folder.parent.iterdir() if folder.parent.is_dir() else []

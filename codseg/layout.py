@@ -4,23 +4,26 @@
 
 # %% ../nbs/01_layout.ipynb #4e5d7824
 from __future__ import annotations
-import argparse, hashlib, json, os, random, re, shutil, sys, tarfile, zipfile
+import argparse, hashlib, json, os, random, re, secrets, shutil, socket, sys, tarfile, time, zipfile
+from contextlib import contextmanager
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
+try: import fcntl  # file locks (POSIX)
+except ImportError: fcntl = None
 from .config import Config, add_args, from_args
 from .errors import inside_input
 from .image import DataError, FIX, image_size, size_mismatch
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'IMAGE_DIRS', 'MASK_DIRS', 'MASK_SUFFIXES', 'SPLIT_DIRS', 'SINET_TRAIN', 'SINET_TEST', 'ARCHIVE_EXTS',
-           'KNOWN_SETS', 'TEST_ONLY', 'LAYOUT_HELP', 'MAX_DEPTH', 'ARCHIVE_RE', 'DATA_CHECK_FIELDS', 'is_image_file',
-           'layout_of', 'kaggle_input_dir', 'is_archive', 'find_roots', 'find_archives', 'find_dataset_root', 'Pair',
-           'is_noncam', 'DataSet', 'Found', 'assign_roles', 'default_extract_dir', 'archive_summary', 'extract',
-           'discover', 'split_train_val', 'dataset_root', 'discover_cfg', 'train_val_pairs', 'train_size',
-           'check_pairs', 'check_json', 'data_check_cli']
+           'KNOWN_SETS', 'TEST_ONLY', 'LAYOUT_HELP', 'MAX_DEPTH', 'ARCHIVE_RE', 'EXTRACT_WAIT', 'DATA_CHECK_FIELDS',
+           'is_image_file', 'layout_of', 'kaggle_input_dir', 'is_archive', 'find_roots', 'find_archives',
+           'find_dataset_root', 'Pair', 'is_noncam', 'DataSet', 'Found', 'assign_roles', 'default_extract_dir',
+           'archive_summary', 'extract', 'discover', 'split_train_val', 'dataset_root', 'discover_cfg',
+           'train_val_pairs', 'train_size', 'check_pairs', 'check_json', 'data_check_cli']
 
 # %% ../nbs/01_layout.ipynb #efb28120
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')  # image and mask file extensions
@@ -421,26 +424,102 @@ def _target(archive: Path, extract_dir: Path) -> Path:
     key = hashlib.sha1(f'{archive.resolve()}|{st.st_size}|{st.st_mtime_ns}'.encode()).hexdigest()[:10]
     return Path(extract_dir)/f"{ARCHIVE_RE.sub('', archive.name)}-{key}"
 
-def extract(archive: Path, extract_dir: Path, note: str = '') -> tuple[Path, bool]:
-    "Extract `archive` once into its own folder under `extract_dir`; (that folder, whether it was extracted now)."
-    out = _target(archive, extract_dir)
-    if (out/'.codseg-extracted').is_file(): return out, False
-    tmp = out.with_name(out.name + f'.{os.getpid()}.tmp')
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+ARCHIVE_RE = re.compile(r'\.(zip|tar|tar\.gz|tgz|tar\.bz2|tbz2|tar\.xz|txz)$', re.I)
+
+# %% ../nbs/01_layout.ipynb #6eb46072
+_DONE = '.codseg-extracted'  # the file a complete extraction holds (written last, before the rename)
+EXTRACT_WAIT = 6 * 3600  # seconds a process waits for another one extracting the same archive, then stops
+
+def _gone(owner: str) -> bool:
+    "Whether `owner` ('host pid ...') names a process of this host that has ended."
+    host, pid = (owner.split() + ['', ''])[:2]
+    if host != socket.gethostname() or not pid.isdigit(): return False
+    try: os.kill(int(pid), 0)
+    except ProcessLookupError: return True
+    except OSError: pass  # it runs, as another user
+    return False
+
+def _holder(lock: Path) -> str:
+    "Who holds lock file `lock`, as it says ('host pid')."
+    try: return lock.read_text().strip() or 'another process'
+    except OSError: return 'another process'
+
+def _lock(fd: int, lock: Path, wait: float, what: str):
+    "Take an exclusive `flock` on `fd` (open `lock`), polling; a DataError after `wait` s; none where unsupported."
+    t0, told = time.monotonic(), False
+    while True:
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError: waited = time.monotonic() - t0
+        except OSError: return  # no locks on this file system: the rename alone keeps the result whole
+        else:  # held: say by whom, for the processes waiting
+            os.ftruncate(fd, 0)
+            os.write(fd, f'{socket.gethostname()} {os.getpid()}'.encode())
+            return
+        if waited > wait:
+            raise DataError(f'{what}: waited {waited:.0f} s for process {_holder(lock)} (lock file {lock}). Fix: '
+                            'stop that process if it hangs (its lock frees when it ends), or pass another '
+                            '--extract-dir.')
+        if waited > 30 and not told and os.environ.get('RANK', '0') == '0':
+            print(f'codseg: {what}: waiting for process {_holder(lock)}', file=sys.stderr, flush=True)
+            told = True
+        time.sleep(0.2)
+
+@contextmanager
+def _exclusive(lock: Path, wait: float, what: str):
+    "Hold an exclusive lock on file `lock` (made if missing, never removed) while the block runs."
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if fcntl: _lock(fd, lock, wait, what)
+        yield
+    finally: os.close(fd)  # frees the lock
+
+# %% ../nbs/01_layout.ipynb #7cd20f12
+def _part_of(out: Path, p: Path) -> str | None:
+    "'host pid' of the process unpacking into part folder `p` of `out`, or None when `p` is no part of `out`."
+    pre = f'.{out.name}.'
+    if not (p.name.startswith(pre) and p.name.endswith('.part')): return None
+    return ' '.join(p.name[len(pre):-len('.part')].rsplit('.', 2)[:2])
+
+def _tidy(out: Path):
+    "Remove what killed extractions into `out` left: part folders of ended processes, an unmarked `out`."
+    for p in out.parent.iterdir():
+        if (owner := _part_of(out, p)) and _gone(owner): shutil.rmtree(p, ignore_errors=True)
+    if out.exists() and not (out/_DONE).is_file():  # never complete, so never read
+        os.rename(out, aside := out.with_name(f'.{out.name}.{secrets.token_hex(4)}.old'))
+        shutil.rmtree(aside, ignore_errors=True)
+
+def _unpack(archive: Path, out: Path, note: str) -> Path:
+    "Unpack `archive` into a new part folder beside `out` (named by host and process), marked complete last."
+    tmp = out.with_name(f'.{out.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(3)}.part')
+    tmp.mkdir()
     try:
         if archive.name.lower().endswith('.zip'):
             with zipfile.ZipFile(archive) as z: z.extractall(tmp)
         else:
             with tarfile.open(archive) as t: t.extractall(tmp, filter='data')
-        (tmp/'.codseg-extracted').write_text(note or str(archive))
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    finally: shutil.rmtree(tmp, ignore_errors=True)
+        (tmp/_DONE).write_text(note or str(archive))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+def extract(archive: Path, extract_dir: Path, note: str = '', wait: float = EXTRACT_WAIT) -> tuple[Path, bool]:
+    "Extract `archive` once, by one process at a time, into its folder under `extract_dir`; (it, extracted now)."
+    out = _target(archive, extract_dir)
+    if (out/_DONE).is_file(): return out, False
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out.with_name(f'.{out.name}.lock'), wait, f'extracting {archive}'):
+        if (out/_DONE).is_file(): return out, False  # extracted by the process this one waited for
+        _tidy(out)
+        tmp = _unpack(archive, out, note)
+        try: os.rename(tmp, out)
+        except OSError:  # a process the lock does not reach (another host) was first: its folder stays
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (out/_DONE).is_file(): raise
+            return out, False
     return out, True
 
-ARCHIVE_RE = re.compile(r'\.(zip|tar|tar\.gz|tgz|tar\.bz2|tbz2|tar\.xz|txz)$', re.I)
-
+# %% ../nbs/01_layout.ipynb #1085e313
 def _archives(root: Path, extract_dir, notes: list[str]) -> list[tuple[Path, list[str]]]:
     "(extracted folder, folder names above it) of each archive under `root` with images; notes say what, where."
     out, arcs = [], find_archives(root)
@@ -450,7 +529,7 @@ def _archives(root: Path, extract_dir, notes: list[str]) -> list[tuple[Path, lis
         raise DataError(inside_input('--extract-dir', xd, '--dataset-path', root,
                                      fix='pass a folder outside it (on Kaggle, e.g. /kaggle/temp/codseg-extract)'))
     for a in arcs:
-        stem, marker = ARCHIVE_RE.sub('', a.name), _target(a, xd)/'.codseg-extracted'
+        stem, marker = ARCHIVE_RE.sub('', a.name), _target(a, xd)/_DONE
         if marker.is_file(): held = marker.read_text()  # listed when it was extracted (a .tar.gz lists slowly)
         else:
             n, what = archive_summary(a)
