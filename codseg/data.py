@@ -134,7 +134,7 @@ class EpochSampler(DistributedSampler):
         super().set_epoch(epoch)
         self.start = start
 
-    def __len__(self): return self.num_samples - self.start
+    def __len__(self): return max(0, self.num_samples - self.start)  # a resume after the last batch: none
 
     def _order(self) -> list[int]:
         if not self.shuffle: return list(range(self.n))

@@ -12,16 +12,15 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['DIVERGE_ADVICE', 'CancelStepException', 'CancelBatchException', 'CancelEpochException', 'CancelValidateException',
-           'CancelFitException', 'Callback', 'to_device', 'unwrap', 'Learner', 'LRPlanCB', 'pick_precision',
-           'amp_dtype', 'AMPCB', 'TrainingDiverged', 'GradGuardCB', 'EMACB', 'process_group', 'all_reduce_sum',
-           'agreed', 'MetricsCB', 'ProgressCB']
+__all__ = ['DIVERGE_ADVICE', 'CancelStepException', 'CancelBatchException', 'CancelEpochException', 'CancelFitException',
+           'Callback', 'to_device', 'unwrap', 'Learner', 'LRPlanCB', 'pick_precision', 'amp_dtype', 'AMPCB',
+           'TrainingDiverged', 'GradGuardCB', 'EMACB', 'process_group', 'all_reduce_sum', 'agreed', 'MetricsCB',
+           'ProgressCB']
 
 # %% ../nbs/09_learner.ipynb #5f50ade9
 class CancelStepException(Exception): "Skip this optimizer step and drop its gradients."
 class CancelBatchException(Exception): "Skip the rest of this batch."
 class CancelEpochException(Exception): "Skip the rest of this epoch."
-class CancelValidateException(Exception): "Skip the rest of this validation pass (its `after_cancel_validate` runs)."
 class CancelFitException(Exception): "Stop training."
 
 class Callback:
@@ -43,7 +42,7 @@ def unwrap(model):
     return model
 
 _CANCEL = dict(step=CancelStepException, batch=CancelBatchException, epoch=CancelEpochException,
-               validate=CancelValidateException, fit=CancelFitException)
+               fit=CancelFitException)
 
 class Learner:
     "Train `model` with `loss_fn` and `opt` on `train_dl`, validate on `valid_dl`, steered by `cbs`."

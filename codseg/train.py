@@ -14,7 +14,7 @@ from .errors import DATASET_REQUIRED
 from .runtime import (Dist, pick_device, seed_everything, CheckpointPair, copy_atomic, load_checkpoint,
                             rng_state, set_rng_state, find_resume, shared_resume, check_same_arch, model_state,
                             model_from_checkpoint, elastic_restart, StopWatch, STOP_SIGNALS, SHARED_FIX)
-from .learner import (Learner, Callback, CancelFitException, CancelValidateException, LRPlanCB, AMPCB,
+from .learner import (Learner, Callback, CancelBatchException, CancelFitException, LRPlanCB, AMPCB,
                             GradGuardCB, EMACB, MetricsCB, ProgressCB, TrainingDiverged, DIVERGE_ADVICE,
                             pick_precision, agreed, all_reduce_sum, unwrap)
 from .track import (HISTORY_EXTRA, LABELS, best_row, best_so_far, epoch_tail, is_better, monitor_key,
@@ -268,13 +268,12 @@ class StopSignalCB(Callback):
         self._stop(learn, signum)
     after_cancel_step = after_step  # a skipped step is a step boundary too
     def after_train(self, learn): self.batches = learn.n_batches  # a save from now on comes before validation
-    def after_batch(self, learn):  # validation: this process's own signal cuts the pass short
-        if not learn.training and self.signum: raise CancelValidateException()
-    def after_validate(self, learn):  # every process, after the same collectives (MetricsCB's)
+    def before_batch(self, learn):  # validation: after this process's own signal, the rest of the pass is skipped
+        if not learn.training and self.signum: raise CancelBatchException()
+    def after_validate(self, learn):  # every process ends its pass (skipped or not) with the same collectives
         if not (signum := self._agreed()): return
         self._save(learn, signum, self.batches, f'in epoch {learn.epoch + 1} before its validation')
         self._stop(learn, signum)
-    after_cancel_validate = after_validate
     def after_epoch(self, learn):  # a signal while the epoch's checkpoint was written: that checkpoint is the save
         if not (signum := self._agreed()): return
         if self.pair is not None:
