@@ -83,7 +83,8 @@ step "train, --precision auto (bf16 where native), channels-last" 240 \
   bash -o pipefail -c "$PY ${TRAIN[*]} --epochs 3 --channels-last --checkpoint-dir $RUN/auto | tee $RUN/auto.log"
 step "the banner's precision is the device's" 30 $PY -c "$PRECISION" $RUN/auto.log auto
 step "train, --precision fp16 + GradScaler (as on a T4), 2 of 3 epochs" 180 \
-  bash -o pipefail -c "$PY ${TRAIN[*]} --precision fp16 --epochs 3 --stop-after 2 --checkpoint-dir $RUN/fp16 | tee $RUN/fp16.log"
+  bash -c "$PY ${TRAIN[*]} --precision fp16 --epochs 3 --stop-after 2 --checkpoint-dir $RUN/fp16 > $RUN/fp16.log; \
+           rc=\$?; cat $RUN/fp16.log; [ \$rc = 3 ]"  # 3: stopped by --stop-after, resumable
 step "the banner says fp16" 30 $PY -c "$PRECISION" $RUN/fp16.log fp16
 step "resume the fp16 run: epoch 3 only" 120 \
   $PY "${TRAIN[@]}" --precision fp16 --epochs 3 --checkpoint-dir $RUN/fp16 --resume-from auto

@@ -7,8 +7,8 @@ from __future__ import annotations
 import errno, re, sys, traceback
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FIX', 'WRITE_FIX', 'DATASET_REQUIRED', 'NO_INPUT', 'DISK', 'UsageError', 'inside_input', 'is_inside',
-           'one_line', 'describe', 'report']
+__all__ = ['CHECKPOINT_FIX', 'WRITE_FIX', 'DATASET_REQUIRED', 'NO_INPUT', 'DISK', 'OOM_FIX', 'UsageError', 'inside_input',
+           'is_inside', 'one_line', 'out_of_memory', 'describe', 'report']
 
 # %% ../nbs/00b_errors.ipynb #18e3164b
 class UsageError(ValueError):
@@ -52,10 +52,28 @@ def one_line(msg: str) -> str:
                      lambda m: 'missing or unexpected weights' + (')' if m.group(1) else ''), msg, flags=re.S)
     return ' '.join(msg.split())
 
+OOM_FIX = ('lower --img-size, or --batch-size (raising --accumulation-steps keeps the global batch), add '
+           '--grad-checkpointing, or lower --stage2-batch-size for Stage 2; the checkpoints saved so far are intact')
+_OOM = r'out of memory|not enough memory|can.t allocate memory|insufficient memory'  # CUDA's, PyTorch CPU allocator's, OpenCV's words
+
+def _size(s: str) -> str:
+    "An allocation size as the message gave it, bytes in GiB."
+    return f'{int(s.split()[0]) / 2**30:.2f} GiB' if s.endswith('bytes') else s
+
+def out_of_memory(e: BaseException) -> str | None:
+    "The one line for an out-of-memory error `e` (CUDA, the CPU allocator, OpenCV, Python), or None."
+    msg = str(e)
+    if not (isinstance(e, MemoryError) or type(e).__name__ == 'OutOfMemoryError' or re.search(_OOM, msg, re.I)):
+        return None
+    size = re.search(r'(?:[Tt]ried to allocate|[Ff]ailed to allocate) ([\d.]+ ?[KMGT]i?B|\d+ bytes)', msg)
+    where = 'on the GPU' if re.search(r'CUDA|GPU', msg) else 'in host memory'
+    return f"out of memory {where}{f' allocating {_size(size[1])}' if size else ''}: {OOM_FIX}"
+
 def describe(e: BaseException) -> tuple[str, int]:
     "(one-line message, exit status) for exception `e` raised by a command."
     from codseg.schedule import PlanComplete, PlanError
     if isinstance(e, KeyboardInterrupt): return 'interrupted', 130
+    if (oom := out_of_memory(e)) is not None: return oom, 1
     if isinstance(e, OSError) and e.errno in DISK: return f"{e.filename or 'writing'}: {DISK[e.errno]}", 1
     torch_disk = r'inline_container|unexpected pos|file write failed'  # torch.save's words for a full disk
     if isinstance(e, RuntimeError) and re.search(torch_disk, str(e)):

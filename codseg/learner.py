@@ -67,6 +67,7 @@ class Learner:
         self.metrics = {}  # the last epoch's train loss and validation metrics (MetricsCB)
         self.history = [] if history is None else history  # one row per epoch (HistoryCB)
         self.stopped, self.signum = None, 0  # why the fit ended early ('signal', 'session limit'); the signal
+        self.stop_note = None  # what ended it early and what was saved, in words ('by SIGTERM in epoch 3 ...')
         for cb in cbs: self.add_cb(cb)
 
     def add_cb(self, cb):

@@ -5,18 +5,18 @@
 # %% ../nbs/09a_runtime.ipynb #4389bd4b
 from __future__ import annotations
 import ctypes, hashlib, os, random, shutil, signal, socket, sys, threading, warnings, zipfile
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 import numpy as np
 import torch
-from .config import from_dict
+from .config import Config, from_dict
 from .errors import CHECKPOINT_FIX, UsageError
 
 # %% auto #0
-__all__ = ['PR_SET_PDEATHSIG', 'STOP_SIGNALS', 'SHARED_FIX', 'ARCH', 'pick_device', 'elastic_restart', 'end_with_parent', 'Dist',
-           'StopWatch', 'seed_everything', 'save_atomic', 'copy_atomic', 'CheckpointPair', 'load_checkpoint',
-           'rng_state', 'set_rng_state', 'find_resume', 'shared_resume', 'check_same_arch', 'model_state',
-           'model_from_checkpoint']
+__all__ = ['PR_SET_PDEATHSIG', 'STOP_SIGNALS', 'CHECKPOINT_FORMAT', 'RESUMES_WITH', 'SHARED_FIX', 'ARCH', 'pick_device',
+           'elastic_restart', 'end_with_parent', 'Dist', 'StopWatch', 'seed_everything', 'save_atomic', 'copy_atomic',
+           'CheckpointPair', 'RunLock', 'load_checkpoint', 'check_format', 'rng_state', 'set_rng_state', 'find_resume',
+           'shared_resume', 'check_same_arch', 'model_state', 'model_from_checkpoint']
 
 # %% ../nbs/09a_runtime.ipynb #2506266e
 def pick_device(device='auto',  # auto, cpu, cuda or cuda:N
@@ -201,7 +201,7 @@ class CheckpointPair:
         if not self.linked: return self._save_plain(ck, best)
         g = self._generation({} if best else {'best_model.pth': self.cur/'best_model.pth'})
         _save_synced(ck, g/'last.pth')  # no rename needed: the generation is not in use until the switch
-        if best: _link_or_copy(g/'last.pth', g/'best_model.pth')
+        if best: copy_atomic(g/'last.pth', g/'best_model.pth')  # a file of its own: never one file, two names
         self._switch(g)
         return self.out/'last.pth'
 
@@ -244,6 +244,41 @@ class CheckpointPair:
         if best: return copy_atomic(save_atomic(ck, self.out/'best_model.pth'), self.out/'last.pth')
         return save_atomic(ck, self.out/'last.pth')
 
+# %% ../nbs/09a_runtime.ipynb #6c89d2db
+try: import fcntl
+except ImportError: fcntl = None  # Windows: no lock
+
+class RunLock:
+    "One run per checkpoint folder: an exclusive lock on `FOLDER/.codseg.lock`, which names its holder."
+    name = '.codseg.lock'
+    def __init__(self, folder): self.path, self.fd = Path(folder)/self.name, None
+
+    def acquire(self, say=print):  # say: where the note about a dead holder's lock goes
+        "Take the lock, or refuse in one line naming the run that holds it; a dead holder's lock is taken over."
+        if fcntl is None: return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the kernel frees it when its holder dies
+        except OSError:
+            holder = _read(fd) or 'another process'
+            os.close(fd)
+            raise UsageError(f'--checkpoint-dir {self.path.parent} is in use by a running codseg train ({holder}): '
+                             'wait for it to end or stop it, or pass another --checkpoint-dir') from None
+        if old := _read(fd): say(f'note: took over {self.path} from a run that is no longer running ({old})')
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f'pid {os.getpid()} on {socket.gethostname()}'.encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self):
+        "Give the lock up (the file stays, empty)."
+        if self.fd is None: return
+        os.ftruncate(self.fd, 0)
+        os.close(self.fd)  # closing frees the lock
+        self.fd = None
+
+def _read(fd) -> str: return os.pread(fd, 200, 0).decode(errors='replace').strip()
+
 # %% ../nbs/09a_runtime.ipynb #4c9d1212
 def _found(path: Path, e: Exception) -> str:
     "What `path` holds, which `torch.load(path, weights_only=True)` refused with `e`, in a few words."
@@ -267,6 +302,27 @@ def load_checkpoint(path, flag='--resume-from'):  # flag: the option that named 
             return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e: found = _found(path, e)
     raise RuntimeError(f'{flag} {path}: not a readable checkpoint ({found}); {fix}')
+
+# %% ../nbs/09a_runtime.ipynb #e2cdfce0
+CHECKPOINT_FORMAT = 2  # the layout of a training checkpoint; 2 records itself ('format'), 1 is every earlier one
+RESUMES_WITH = ('model', 'optimizer', 'epoch', 'batch', 'global_step', 'plan', 'history', 'config', 'best_iou',
+                'best_epoch', 'rng')  # what a full resume reads
+
+def check_format(ck: dict, path, say=print) -> dict:  # say: where warnings go
+    "Checkpoint `ck` (read from `path`) as this version can use it: a newer format refused, an older one's weights."
+    from codseg import __version__
+    fmt, by = ck.get('format', 1), ck.get('codseg', 'an earlier version')
+    if fmt > CHECKPOINT_FORMAT:
+        raise UsageError(f'{path} was written by codseg {by} in checkpoint format {fmt}; codseg {__version__} reads '
+                         f'formats up to {CHECKPOINT_FORMAT}: upgrade codseg (pip install -U codseg) to use it')
+    if unknown := sorted(set(ck.get('config') or {}) - {f.name for f in fields(Config)}):
+        say(f"Warning: {path} was written by codseg {by} with settings this version does not know; they are "
+            f"dropped: {', '.join(unknown)}")
+    if 'epoch' in ck and (missing := [k for k in RESUMES_WITH if k not in ck]):
+        say(f"{path}: an older checkpoint layout (codseg {by}, format {fmt}) without {', '.join(missing)}: its "
+            'weights are resumed with a fresh plan (--skip-stage1 starts it in Stage 2)')
+        return {k: ck[k] for k in ('model', 'ema', 'config') if k in ck}  # weights only: no resume state
+    return ck
 
 # %% ../nbs/09a_runtime.ipynb #7d71f5a3
 def rng_state():
@@ -331,7 +387,7 @@ def model_state(ckpt):
 def model_from_checkpoint(path, device='cpu', ema=True, flag='--checkpoint'):  # flag: the option naming `path`
     "The model in checkpoint `path` (its EMA weights when saved and `ema`), in eval mode, and its config."
     from codseg.model import build_model
-    ck = load_checkpoint(path, flag)
+    ck = check_format(load_checkpoint(path, flag), path)
     if 'config' not in ck:
         raise ValueError(f'{flag} {path}: a weights-only file has no config; '
                          f'{CHECKPOINT_FIX}')

@@ -4,16 +4,18 @@
 
 # %% ../nbs/10_train.ipynb #308254e7
 from __future__ import annotations
-import argparse, csv, hashlib, json, math, os, secrets, signal, sys, time
+import argparse, csv, hashlib, json, math, os, secrets, shlex, signal, sys, time
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
 import torch
-from .config import Config, resolve, add_args, from_args, to_dict, from_dict, save_config, DATA, MODEL, PLAN, TRAIN
+from .config import (Config, resolve, add_args, from_args, to_argv, to_dict, from_dict, save_config, DATA, MODEL,
+                           PLAN, TRAIN)
 from .errors import DATASET_REQUIRED
 from .runtime import (Dist, pick_device, seed_everything, CheckpointPair, copy_atomic, load_checkpoint,
                             rng_state, set_rng_state, find_resume, shared_resume, check_same_arch, model_state,
-                            model_from_checkpoint, elastic_restart, StopWatch, STOP_SIGNALS, SHARED_FIX)
+                            model_from_checkpoint, elastic_restart, StopWatch, STOP_SIGNALS, SHARED_FIX, RunLock,
+                            check_format, CHECKPOINT_FORMAT)
 from .learner import (Learner, Callback, CancelBatchException, CancelFitException, LRPlanCB, AMPCB,
                             GradGuardCB, EMACB, MetricsCB, ProgressCB, TrainingDiverged, DIVERGE_ADVICE,
                             pick_precision, agreed, all_reduce_sum, unwrap)
@@ -21,10 +23,10 @@ from .track import (HISTORY_EXTRA, LABELS, best_row, best_so_far, epoch_tail, is
                           track_callbacks)
 
 # %% auto #0
-__all__ = ['PLATEAU_ADVICE', 'STOP_GRACE', 'unfrozen_stages', 'param_strides', 'StageCB', 'ChannelsLastCB', 'fast_model',
-           'HistoryCB', 'guide_lr', 'epoch_line', 'write_history', 'plot_history', 'WatchCB', 'RunState',
-           'CheckpointCB', 'SessionLimitCB', 'StopSignalCB', 'Run', 'quiet_worker', 'make_learner', 'train', 'banner',
-           'validate', 'train_cli']
+__all__ = ['PLATEAU_ADVICE', 'STOP_GRACE', 'EXIT_STOPPED', 'unfrozen_stages', 'param_strides', 'StageCB', 'ChannelsLastCB',
+           'fast_model', 'HistoryCB', 'guide_lr', 'epoch_line', 'write_history', 'plot_history', 'WatchCB', 'RunState',
+           'CheckpointCB', 'SessionLimitCB', 'StopSignalCB', 'Run', 'quiet_worker', 'make_learner', 'train',
+           'stop_line', 'banner', 'validate', 'train_cli']
 
 # %% ../nbs/10_train.ipynb #1fa91f6b
 def unfrozen_stages(epoch, cfg, n_stages, stage):
@@ -208,7 +210,7 @@ class RunState:
                 'best_score': self.best_score, 'track': dict(self.track), 'config': to_dict(self.cfg),
                 'plan': self.plan.to_dict(), 'history': learn.history, 'rng': rng_state(),
                 'loss_sum': None if loss_sum is None else loss_sum.cpu(),
-                'codseg': __import__('codseg').__version__}
+                'codseg': __import__('codseg').__version__, 'format': CHECKPOINT_FORMAT}
 
 class CheckpointCB(Callback):
     "Write last.pth after every epoch, and best_model.pth on a better --monitor measure: both switch at once."
@@ -228,16 +230,20 @@ class CheckpointCB(Callback):
 class SessionLimitCB(Callback):
     "Stop after `stop_after` epochs, or when one more would end past `time_limit` hours (after the checkpoint)."
     order = 95
-    def __init__(self, stop_after=None, time_limit=None): self.n, self.hours = stop_after, time_limit
+    def __init__(self, stop_after=None, time_limit=None, end=None):  # end: the plan's epoch count (no stop after it)
+        self.n, self.hours, self.end = stop_after, time_limit, end
     def before_fit(self, learn): self.t0, self.done = time.time(), 0
     def before_epoch(self, learn): self.te = time.time()
     def after_epoch(self, learn):
         self.done += 1
+        if self.end is not None and learn.epoch + 1 >= self.end: return  # the run is complete: nothing to stop
         now = time.time()
         over = self.hours is not None and (now + (now - self.te) - self.t0) / 3600 > self.hours
         # rank 0's count and clock decide for every process: their clocks may differ
         if agreed(int((self.n is not None and self.done >= self.n) or over), 'rank0'):
-            learn.stopped = 'session limit'
+            why = (f'--stop-after {self.n}' if self.n is not None and self.done >= self.n else
+                   f'--time-limit {self.hours:g} h (another epoch would end past it)')
+            learn.stopped, learn.stop_note = 'session limit', f'by {why} after epoch {learn.epoch + 1}'
             raise CancelFitException()
 
 class StopSignalCB(Callback):
@@ -276,18 +282,14 @@ class StopSignalCB(Callback):
         self._stop(learn, signum)
     def after_epoch(self, learn):  # a signal while the epoch's checkpoint was written: that checkpoint is the save
         if not (signum := self._agreed()): return
-        if self.pair is not None:
-            self.say(f'\nStopped by {signal.Signals(signum).name} after epoch {learn.epoch + 1}: '
-                     f'{self.pair.out/"last.pth"} '
-                     'holds it; resume with --resume-from auto (or that path).')
+        learn.stop_note = f'by {signal.Signals(signum).name} after epoch {learn.epoch + 1}'
         self._stop(learn, signum)
     def _save(self, learn, signum, batch, where):
-        "Save the resumable checkpoint of (this epoch, `batch` batches done) and say so (the writing process)."
+        "Save the resumable checkpoint of (this epoch, `batch` batches done) (the writing process)."
         loss_sum = all_reduce_sum(self.metrics.loss_sum.clone())  # every process's share: a resume carries all
-        if self.pair is None: return
-        last = self.pair.save(self.state.checkpoint(learn, learn.epoch, batch, self.ema, loss_sum))
-        self.say(f'\nStopped by {signal.Signals(signum).name} {where}: saved {last}; '
-                 'resume with --resume-from auto (or that path).')
+        if self.pair is not None:
+            self.pair.save(self.state.checkpoint(learn, learn.epoch, batch, self.ema, loss_sum))
+        learn.stop_note = f'by {signal.Signals(signum).name} {where}'
     def _stop(self, learn, signum):
         learn.stopped, learn.signum = 'signal', signum
         raise CancelFitException()
@@ -317,7 +319,7 @@ class Run:
             self.cfg = replace(self.cfg, resume_from='auto')
             self.say(f'torchrun restart {elastic_restart()}: resuming from the newest last.pth (--resume-from auto)')
         self.src = shared_resume(self.cfg, dist, kaggle_input)  # rank 0's choice; every process sees the same file
-        self.ckpt = load_checkpoint(self.src) if self.src else None
+        self.ckpt = check_format(load_checkpoint(self.src), self.src, self.say) if self.src else None
         if self.ckpt is not None and 'config' in self.ckpt:
             check_same_arch(self.ckpt['config'], self.cfg, self.src)
         seed_everything(self.cfg.seed)
@@ -421,7 +423,7 @@ def make_learner(run: Run, extra_cbs=()):
            *([AMPCB(dtype, ck and ck.get('scaler'))] if dtype else []),  # autocast; fp16's grad scaler
            *([ema] if ema else []),  # --ema: the EMA weights, validated
            *([ChannelsLastCB()] if cfg.channels_last else []),
-           SessionLimitCB(cfg.stop_after, cfg.time_limit),  # --stop-after, --time-limit
+           SessionLimitCB(cfg.stop_after, cfg.time_limit, plan.epochs),  # --stop-after, --time-limit
            *track_callbacks(run, state, step),  # --track: the loggers (TensorBoard, W&B, ...)
            *extra_cbs]  # the caller's (tests, notebooks)
     learn = Learner(core, loss_fn, opt, loaders[plan.stage(epoch)], valid, cbs, dist.device,
@@ -439,6 +441,13 @@ def train(cfg: Config = None, callbacks=(), kaggle_input='/kaggle/input', say=pr
     "Train a COD model in two stages as `cfg` (plus keyword `overrides`) says; returns a summary."
     cfg = replace(cfg or Config(), **overrides)
     dist = Dist(cfg.device)
+    lock = RunLock(cfg.checkpoint_dir).acquire(say) if dist.main and not cfg.dry_run else None  # one run a folder
+    try: return _train(cfg, dist, callbacks, kaggle_input, say)
+    finally:
+        if lock: lock.release()
+
+def _train(cfg, dist, callbacks, kaggle_input, say) -> dict:
+    "`train` once the checkpoint folder is this run's."
     if dist.main and not cfg.dry_run: CheckpointPair(cfg.checkpoint_dir).tidy()  # a killed run's links: files
     run = Run(cfg, dist, kaggle_input, say)
     cfg, out = run.cfg, Path(run.cfg.checkpoint_dir)
@@ -453,12 +462,18 @@ def train(cfg: Config = None, callbacks=(), kaggle_input='/kaggle/input', say=pr
     learn.fit(range(epoch, run.plan.epochs))  # StopSignalCB puts the signal handlers back in its cleanup_fit
     dist.barrier()
     h = learn.history
-    if dist.main and h and learn.stopped is None:
+    if learn.stopped: run.say(stop_line(learn.stop_note, cfg, out))
+    elif h:
         best, key = best_row(h, cfg.monitor) or h[-1], monitor_key(cfg.monitor)
         what = '' if key == 'iou' else f"{LABELS[key]} {best.get(key, math.nan):.4f} (--monitor {cfg.monitor}), "
         run.say(f"Done: best {what}IoU {best['iou']:.4f} at epoch {best['epoch']}; checkpoints in {out}")
     return {'history': h, 'best_iou': max((r['iou'] for r in h), default=None), 'checkpoint_dir': str(out),
             'stopped': learn.stopped, 'signal': learn.signum, 'last_epoch': h[-1]['epoch'] if h else epoch}
+
+def stop_line(note, cfg, out) -> str:
+    "The last line of a run stopped early: why and when, what holds it, the command that resumes it."
+    again = shlex.join(['codseg', 'train', *to_argv(replace(cfg, resume_from='auto'))])
+    return f'\nStopped {note}: {out/"last.pth"} holds it; resume with: {again}'
 
 def banner(run) -> str:
     "What the run is about to do: device, precision (and why), data, resume note and the LR plan."
@@ -516,7 +531,9 @@ def validate(checkpoint, device='auto', **overrides) -> dict:
 # the parser lives in the light codseg.cli: `codseg train --help` imports no torch
 from .cli import train_parser
 
+EXIT_STOPPED = 3  # `codseg train` stopped resumably before its end by --time-limit or --stop-after
+
 def train_cli(argv=None) -> int:
-    "Run `codseg train` with flags `argv`; 0 done, 128 + N after a resumable stop by signal N."
+    "Run `codseg train` with flags `argv`; 0 done, 3 stopped by --time-limit/--stop-after, 128 + N by signal N."
     r = train(from_args(train_parser().parse_args(argv)))
-    return 128 + r['signal'] if r.get('signal') else 0
+    return 128 + r['signal'] if r.get('signal') else EXIT_STOPPED if r.get('stopped') else 0

@@ -145,7 +145,9 @@ def test_one_validation_item_two_processes_exact_metrics_and_resume_alone(tmp_pa
             '--batch-size', 3, '--stage2-batch-size', 2, '--accumulation-steps', 2, '--stage1-epochs', 1,
             '--epochs', 3, '--checkpoint-dir', ck, '--device', 'cpu']
     rc, log = run(torchrun('-m', 'codseg', 'train', *args, '--stop-after', 2), timeout=180)
-    assert rc == 0 and 'x2 processes' in log and log.count('Epoch 2:') == 1, log[-3000:]  # one process prints
+    # a stop by --stop-after exits 3, which torchrun reports as a failure (1); one process prints
+    assert rc == 1 and 'x2 processes' in log and log.count('Epoch 2:') == 1, log[-3000:]
+    assert 'Stopped by --stop-after 2 after epoch 2' in log and 'exitcode  : 3' in log, log[-3000:]
     c = torch.load(ck/'last.pth', weights_only=True)
     assert [h['stage'] for h in c['history']] == [1, 2]
     m = validate(ck/'last.pth', device='cpu', num_workers=0)  # one process, the same weights
