@@ -37,6 +37,7 @@ class Config:
     train_sets: Optional[str] = None  # comma-separated names of the sets to train on (default: all but test sets)
     test_sets: Optional[str] = None  # comma-separated names of the sets to evaluate (default: every test set)
     allow_test_training: bool = False  # allow training or validating on a recognised test set (the run is flagged)
+    allow_empty_masks: bool = False  # train and validate on masks with no object (otherwise they stop the run)
     extract_dir: Optional[str] = None  # where input archives are extracted (default: /kaggle/temp, else ~/.cache/codseg)
     # model
     backbone: str = 'edgenext_base'  # timm backbone name (features_only)

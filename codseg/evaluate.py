@@ -89,7 +89,7 @@ def score_set(model, loader, device, tta=False, amp_dtype=None, save_dir=None, d
                 meter.update(pred, gt, name)
                 if save_dir: _write_png(Path(save_dir)/f'{name}.png', pred)
             bar.update(len(b['gt']))
-    return {'images': meter.count, **meter.compute()}
+    return {'images': meter.count, 'empty_masks': meter.n_empty, **meter.compute()}
 
 def _write_png(path: Path, a: np.ndarray):
     "Write uint8 array `a` (grey or RGB) as an image file; an error names the path."
@@ -165,6 +165,10 @@ def evaluate(checkpoint, dataset_path, output=None, tta: bool = False,
     trained = [r['dataset'] for r in rows if r['dataset'].lower() in _test_trained(cfg)]  # marked in the table
     rows = [{**r, 'dataset': r['dataset'] + ' [trained on]'} if r['dataset'] in trained else r for r in rows]
     say(format_table(rows))
+    for r in rows:
+        if r['empty_masks']:
+            say(f"{r['dataset']}: {r['empty_masks']} of {r['images']} masks are empty (no object); IoU and Dice "
+                'count 1 for each of them where nothing is predicted (Sm: 1 minus the mean prediction)')
     meta = dict(checkpoint=str(checkpoint), dataset_path=str(dataset_path), root=str(root), img_size=cfg.img_size,
                 tta=tta, include_noncam=cfg.include_noncam, backbone=cfg.backbone, test_trained=trained)
     say(write_results(rows, meta, csv_p, json_p) + (f'; maps in {save_predictions}' if save_predictions else ''))
@@ -183,7 +187,7 @@ def write_results(rows: list[dict], meta: dict, csv_path: Path, json_path: Path)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     existed = csv_path.exists() or json_path.exists()
     with open(csv_path, 'w', newline='') as f:
-        wr = csv.DictWriter(f, fieldnames=['dataset', 'images', *METRICS])
+        wr = csv.DictWriter(f, fieldnames=['dataset', 'images', 'empty_masks', *METRICS])
         wr.writeheader()
         wr.writerows(rows)
     json_path.write_text(json.dumps({**meta, 'results': rows}, indent=2))
