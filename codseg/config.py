@@ -140,8 +140,9 @@ def add_args(parser: argparse.ArgumentParser, names=DATA + MODEL + PLAN + TRAIN,
     for n in names:
         tp, choices = _base_type(hints[n])
         flag, default, h = '--' + n.replace('_', '-'), getattr(d, n), helps.get(n, '')
-        if tp is bool and default:
+        if tp is bool and default:  # --no-name turns it off; --name, the default, is accepted as well
             parser.add_argument('--no-' + n.replace('_', '-'), dest=n, action='store_false', help=h)
+            parser.add_argument(flag, dest=n, action='store_true', default=True, help=f'the default; {h}')
         elif tp is bool: parser.add_argument(flag, dest=n, action='store_true', help=h)
         else:
             parser.add_argument(flag, dest=n, type=tp, choices=choices, default=default,

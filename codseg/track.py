@@ -8,6 +8,7 @@ import math, os, shutil, threading
 from pathlib import Path
 import numpy as np, torch
 from .config import LOGGERS, parse_loggers
+from .errors import logger_missing
 from .learner import Callback, all_reduce_sum, unwrap
 
 # %% auto #0
@@ -100,8 +101,7 @@ class TBLogger:
     def __init__(self, folder, purge_step=None):
         try: from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
-            raise ValueError(f'--logger tensorboard needs the tensorboard package ({e}): pip install '
-                             f'tensorboard') from None
+            raise ValueError(logger_missing('tensorboard', str(e))) from None
         self.w = SummaryWriter(str(folder), purge_step=purge_step)
     def scalars(self, d: dict, step: int):
         for k, v in d.items(): self.w.add_scalar(k, v, step)
@@ -125,8 +125,7 @@ class WandbLogger:
     def __init__(self, folder, config: dict, run_id=None, say=print):
         try: import wandb
         except ImportError:
-            raise ValueError('--logger wandb needs the wandb package: pip install codseg[wandb] (or pip install '
-                             'wandb)') from None
+            raise ValueError(logger_missing('wandb')) from None
         mode, key = os.environ.get('WANDB_MODE'), wandb_key()
         if key: os.environ['WANDB_API_KEY'] = key
         elif mode not in ('offline', 'disabled', 'dryrun'):
