@@ -164,14 +164,17 @@ def _no_dataset(p: Path) -> DataError:
         return DataError(f'--dataset-path {p} is a folder inside the dataset {up[-1]} ({layout_of(up[-1])} '
                          'layout); codseg finds its image and mask folders itself. '
                          f'Fix: pass --dataset-path {up[-1]}')
-    if imgs := _image_dirs(p):
-        return DataError(f'no masks in {p}: images in {_rel_dirs(p, imgs)} but no mask folder beside them '
-                         f"(mask folders: {', '.join(MASK_DIRS)}). Fix: add the masks, one per image with the "
-                         'same file name stem, in a folder named like that beside the images folder (e.g. '
+    imgs = _image_dirs(p)
+    if len(imgs) == 1 or imgs and all(d.name.lower() in IMAGE_DIRS for d in imgs):  # images, nothing like masks
+        return DataError(f'no masks in {p}: folders holding images: {_rel_dirs(p, imgs)}, but no mask folder '
+                         f"beside them (mask folders: {', '.join(MASK_DIRS)}). Fix: add the masks, one per image "
+                         'with the same file name stem, in a folder named like that beside the images folder '
+                         '(e.g. '
                          f'{imgs[0].parent}/masks), then pass the folder holding both')
+    held = f'; folders holding images: {_rel_dirs(p, imgs)}' if imgs else '; no image files anywhere below it'
     return DataError(f'no dataset found in {p} (searched {MAX_DEPTH} levels down). Looked for {LAYOUT_HELP}. '
-                     f"Found: {_listing(p)}; no image files anywhere below it. Fix: point --dataset-path at "
-                     "the dataset's root folder (the one holding its image and mask folders)")
+                     f'Found: {_listing(p)}{held}. Fix: name the image and mask folders as above (e.g. images/ '
+                     "beside masks/), or point --dataset-path at the dataset's root folder")
 
 def _image_dirs(base: Path) -> list[Path]:
     "The folders at or below `base` that hold image files."
@@ -633,7 +636,7 @@ def mask_line(kind: str, mask) -> str:
     return f'{kind} mask {mask} ({MASK_KINDS[kind]})' if kind in MASK_KINDS else kind
 
 def masks_by_kind(pairs: list[Pair], workers: int = 8) -> dict[str, list[tuple[Pair, str]]]:
-    "The pairs of `pairs` whose mask is empty, full, not binary, or unreadable ('bad'): by kind, with its kind or message."
+    "The pairs of `pairs` whose mask is empty, full, not binary or unreadable ('bad'), by kind (with its message)."
     have, by = [p for p in pairs if p.mask is not None], {}
     for p, k in zip(have, mask_kinds([p.mask for p in have], workers)):
         if k and not (k == 'empty' and is_noncam(p.name)):  # a NonCAM image (--include-noncam) has no object
@@ -658,13 +661,14 @@ def check_masks(pairs: list[Pair], *, skip_bad: bool, allow_empty: bool, split: 
     if bad and not skip_bad:
         raise DataError(f'{len(bad)} {split} mask(s) cannot be used, e.g. {mask_line(bad[0][1], bad[0][0].mask)}'
                         f"{'; ' + _eg([p.mask for p, _ in bad[1:]]) if len(bad) > 1 else ''}. Fix: correct or "
-                        'remove those pairs (codseg data-check lists them all), or pass --skip-bad to leave them out')
+                        'remove those pairs (codseg data-check lists them all), or pass --skip-bad to leave them '
+                        'out')
     empty = [] if allow_empty else by.get('empty', [])
     if empty and not skip_bad:
         raise DataError(f'{len(empty)} {split} mask(s) are empty (no object), e.g. '
                         f'{_eg([p.mask for p, _ in empty])}. Fix: if those images have nothing to find, pass '
-                        '--allow-empty-masks (they are trained on and counted in the epoch line); else correct the '
-                        'masks, or pass --skip-bad to leave them out')
+                        '--allow-empty-masks (they are trained on and counted in the epoch line); else correct '
+                        'the masks, or pass --skip-bad to leave them out')
     out = {id(p): mask_line(k, p.mask) for p, k in bad + empty}
     return [p for p in pairs if id(p) not in out], list(out.values())
 
@@ -746,7 +750,8 @@ def _mask_report(cfg: Config, checked: dict, stop: list, hard: list) -> tuple[li
     for k, (ok, _) in checked.items():
         by = masks_by_kind(ok)
         lines += [mask_line(kind, p.mask) for ps in by.values() for p, kind in ps]
-        if by: out[k] = {('unreadable' if kind == 'bad' else kind): [str(p.mask) for p, _ in ps] for kind, ps in by.items()}
+        if by: out[k] = {('unreadable' if kind == 'bad' else kind): [str(p.mask) for p, _ in ps]
+                         for kind, ps in by.items()}
         if k in ('training', 'validation'):
             try: check_masks(ok, skip_bad=cfg.skip_bad, allow_empty=cfg.allow_empty_masks, split=k)
             except DataError as e: (hard if cfg.skip_bad else stop).append(str(e))
@@ -776,7 +781,8 @@ def _bad_file(msg: str) -> str:
 # %% ../nbs/01_layout.ipynb #4e997abc
 DATA_CHECK_FIELDS = ('dataset_path', 'val_path', 'val_fraction', 'include_noncam', 'skip_bad', 'seed',
                      'synthetic_n',
-                     'synthetic_size', 'train_sets', 'test_sets', 'allow_test_training', 'allow_empty_masks', 'extract_dir')
+                     'synthetic_size', 'train_sets', 'test_sets', 'allow_test_training', 'allow_empty_masks',
+                     'extract_dir')
 
 def data_check_cli(argv=None) -> int:
     "`codseg data-check --dataset-path P`: print what the dataset holds, without training."
