@@ -113,7 +113,7 @@ def find_test_sets(path, cfg: Config, say=print) -> tuple[dict, Path]:
     out = {}
     for k, v in sets.items():  # with --skip-bad every file is decoded, so a bad one is left out here, not met later
         out[k], bad = check_pairs(v, skip_bad=cfg.skip_bad, decode=cfg.skip_bad)
-        if bad: say(f'--skip-bad: left out {len(bad)} bad pair(s) of {k}; first: {bad[0]}')
+        if bad: say(f'--skip-bad: left out {len(bad)} bad pair(s) of {k}:' + ''.join(f'\n  {m}' for m in bad))
     return out, found.root
 
 def _out_paths(checkpoint, output, tta: bool) -> tuple[Path, Path]:
@@ -241,7 +241,7 @@ def _readable(files: list[Path], input, skip_bad: bool, say) -> list[Path]:
     first = next(iter(bad.values()), '')
     if bad and not skip_bad: raise DataError(f'{len(bad)} bad image(s) in --input {input}. First: {first}')
     if len(bad) == len(files): raise DataError(f'--skip-bad: no readable image in --input {input}; first: {first}')
-    if bad: say(f'--skip-bad: left out {len(bad)} bad image(s); first: {first}')
+    if bad: say(f'--skip-bad: left out {len(bad)} bad image(s):' + ''.join(f'\n  {m}' for m in bad.values()))
     return [f for f in files if f not in bad]
 
 def predict(checkpoint, input, output, masks: bool = False, overlays: bool = False, tta: bool = False,
