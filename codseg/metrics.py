@@ -40,7 +40,7 @@ def iou_dice(logits_or_probs: torch.Tensor, masks: torch.Tensor, threshold: floa
 
 # %% ../nbs/06_metrics.ipynb #07125a16
 class SegMeter:
-    "Mean per-image IoU and Dice over a dataset; `sums` ([sum_iou, sum_dice, count, empty], float64) for all_reduce."
+    "Mean per-image IoU and Dice over a dataset; `sums` ([sum_iou, sum_dice, count, empty], float64): all_reduce."
     def __init__(self, threshold: float = THRESHOLD):
         self.threshold = threshold
         self.reset()
@@ -54,7 +54,8 @@ class SegMeter:
 
     def add(self, iou: torch.Tensor, dice: torch.Tensor, empty=0):  # empty: how many of them had an empty mask
         "Add per-image scores (from `iou_dice`)."
-        self.sums += torch.stack([iou.sum(), dice.sum(), iou.new_tensor(len(iou)), iou.new_tensor(empty)]).cpu()
+        empty = torch.as_tensor(empty).to(iou)  # a count, or a tensor on the device
+        self.sums += torch.stack([iou.sum(), dice.sum(), iou.new_tensor(len(iou)), empty]).cpu()
 
     def merge(self, other: SegMeter) -> SegMeter:
         "Add another meter's sums (another rank's, another shard's) to this one."
