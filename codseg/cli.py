@@ -8,7 +8,8 @@ import argparse, errno, importlib, os, re, sys, traceback
 from pathlib import Path
 from .config import Config, add_args, from_args, parse_loggers, DATA, MODEL, PLAN, TRAIN
 from .errors import (CHECKPOINT_FIX, DATASET_REQUIRED, LOGGER_PACKAGES, NO_INPUT, PRETRAINED_FIX, WRITE_FIX,
-                           UsageError, describe, did_you_mean, inside_input, is_inside, logger_missing, one_line, report)
+                           UsageError, describe, did_you_mean, inside_input, is_inside, logger_missing, one_line,
+                           report)
 
 # %% auto #0
 __all__ = ['CKPT_DEFAULTS', 'CHECKPOINT_HELP', 'TTA_HELP', 'MAX_IMG_SIZE', 'RANGES', 'OUTPUTS', 'COMMANDS', 'train_parser',

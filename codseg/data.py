@@ -206,7 +206,8 @@ def _summary(cfg: Config, found: Found, train, val, skipped: list[str]) -> str:
     if skipped:
         lines.append(f'  --skip-bad: left out {len(skipped)} bad pair(s), all listed in '
                      f'{Path(cfg.checkpoint_dir)/SKIPPED}:')
-        lines += [f'    {s}' for s in skipped[:5]] + ([f'    ... and {len(skipped) - 5} more'] if len(skipped) > 5 else [])
+        lines += [f'    {s}' for s in skipped[:5]]
+        if len(skipped) > 5: lines.append(f'    ... and {len(skipped) - 5} more')
     if found.problems:
         lines.append(f'  {len(found.problems)} naming problem(s): codseg data-check lists them')
     return '\n'.join(lines)

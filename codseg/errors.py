@@ -20,10 +20,10 @@ WRITE_FIX = 'pass a folder you can write to'  # the fix for an output that canno
 DATASET_REQUIRED = '--dataset-path is required: a dataset folder, a /kaggle/input mount, or synthetic'
 NO_INPUT = 'no such file or folder: pass an image or a folder of images'  # predict's --input that is not there
 PRETRAINED_FIX = ('pass --pretrained-path FILE (the weights file of the backbone, e.g. model.safetensors from '
-                  'hf.co/timm, added as a Kaggle dataset), --pretrained-path auto (a timm model attached as a Kaggle '
-                  'Model), or --no-pretrained to train from random init')  # weights that cannot be had
-LOGGER_PACKAGES = {'tensorboard': 'pip install tensorboard',
-                   'wandb': 'pip install codseg[wandb] (or pip install wandb)'}  # --logger name: its package's install
+                  'hf.co/timm, added as a Kaggle dataset), --pretrained-path auto (a timm model attached as a '
+                  'Kaggle Model), or --no-pretrained to train from random init')  # weights that cannot be had
+LOGGER_PACKAGES = {'tensorboard': 'pip install tensorboard',  # --logger name: how to install its package
+                   'wandb': 'pip install codseg[wandb] (or pip install wandb)'}
 
 def logger_missing(name: str, why: str = '') -> str:
     "The message for `--logger name` whose package is not installed (`why`: the import error, if any)."

@@ -175,8 +175,8 @@ def check_images(paths, decode: bool = False, workers: int = 8) -> list[str | No
 # %% ../nbs/00a_image.ipynb #87691a7a
 GREY_BAND = (64, 191)  # mask levels that are neither background nor object
 MAX_GREY = 0.1  # a mask with a larger fraction of grey pixels is not binary
-MASK_KINDS = {'empty': 'no object', 'full': 'every pixel is object',
-              'not binary': f'over {MAX_GREY:.0%} grey pixels: an image or a soft map, not a mask'}  # kind: what it means
+MASK_KINDS = {'empty': 'no object', 'full': 'every pixel is object',  # kind: what it means
+              'not binary': f'over {MAX_GREY:.0%} grey pixels: an image or a soft map, not a mask'}
 
 @functools.lru_cache(maxsize=None)
 def _stats(path: str, size: int, mtime: int) -> tuple[float, float]:  # size, mtime: a changed file is read again

@@ -119,23 +119,23 @@ def _misfit(net: nn.Module, sd: dict) -> str:
 def _backbone_from_file(name: str, path: Path) -> nn.Module:
     "A `features_only` backbone with weights from a local file (hub format, or a codseg backbone state dict)."
     if not path.is_file():
-        raise FileNotFoundError(f'--pretrained-path {path}: no such file{did_you_mean(path)}. Give the weights file '
-                                f'of {name} (e.g. model.safetensors from hf.co/timm), or --no-pretrained for random '
-                                'init.')
+        raise FileNotFoundError(f'--pretrained-path {path}: no such file{did_you_mean(path)}. Give the weights '
+                                f'file of {name} (e.g. model.safetensors from hf.co/timm), or --no-pretrained for '
+                                'random init.')
     try:
         return timm.create_model(name, features_only=True, pretrained=True,
                                  pretrained_cfg_overlay=dict(file=str(path)))
     except Exception: pass  # not the hub's file of this model: a codseg backbone's state dict, or no weights of it
     net, sd = timm.create_model(name, features_only=True, pretrained=False), _read_backbone_state(path)
     if why := _misfit(net, sd):
-        raise RuntimeError(f"--pretrained-path {path}: these are not weights of backbone '{name}' ({why}). Fix: pass "
-                           f'the weights file of {name} itself (e.g. model.safetensors from hf.co/timm), or '
+        raise RuntimeError(f"--pretrained-path {path}: these are not weights of backbone '{name}' ({why}). Fix: "
+                           f'pass the weights file of {name} itself (e.g. model.safetensors from hf.co/timm), or '
                            '--no-pretrained')
     net.load_state_dict(sd)
     return net
 
 def hub_reachable(timeout: float = HUB_TIMEOUT) -> bool:
-    "Whether the hub (`HF_ENDPOINT`, else huggingface.co; or the HTTPS proxy) takes a connection within `timeout` s."
+    "Whether the hub (`HF_ENDPOINT`, else huggingface.co; or the HTTPS proxy) takes a connection in `timeout` s."
     import socket, threading
     from urllib.parse import urlsplit
     env = os.environ.get
@@ -152,7 +152,7 @@ def hub_reachable(timeout: float = HUB_TIMEOUT) -> bool:
     return bool(ok)
 
 def _hub_backbone(name: str) -> nn.Module:
-    "A `features_only` backbone with the hub's ImageNet weights; offline, from the local cache or at once an error."
+    "A `features_only` backbone with the hub's ImageNet weights; offline, from the cache or an error at once."
     from huggingface_hub import constants as hub
     was = hub.HF_HUB_OFFLINE
     offline = was or not hub_reachable()

@@ -366,8 +366,8 @@ def _curve_words(g: Segment, mult: float) -> str:
     return words + ('; backbone frozen (LR 0)' if g.stage == 1 else f'; backbone LR = {mult} x decoder LR')
 
 def effective_batch(plan: Plan, e: int) -> tuple[int, int]:
-    ("(effective batch asked: batch x accumulation x processes, images an optimizer step of epoch `e` sees at most): "
-     "fewer when the training data is smaller than the batch asked.")
+    ("(effective batch asked: batch x accumulation x processes, images an optimizer step of epoch `e` sees at "
+     "most): fewer when the training data is smaller than the batch asked.")
     b, acc, w = plan.batch_size(e), plan.settings.accumulation_steps, plan.world_size
     return b * acc * w, min(b * acc, -(-plan.n_train // w)) * w  # each process sees ceil(n / w) items an epoch
 
@@ -375,7 +375,8 @@ def _stage_lines(plan: Plan, g: Segment) -> list:
     "The description of one stage of `plan`."
     b, acc, w = plan.batch_size(g.start), plan.settings.accumulation_steps, plan.world_size
     a, (eff, real) = plan.first_step(g.start), effective_batch(plan, g.start)
-    small = f' asked, but each optimizer step sees only {real} (all {plan.n_train} training items)' if real < eff else ''
+    small = f' asked, but each optimizer step sees only {real} (all {plan.n_train} training items)'
+    small = small if real < eff else ''
     return [f'Stage {g.stage}  Epoch {g.start + 1}-{g.end}: batch {b} x accumulation {acc} x {w} process(es) '
             f'= effective batch {eff}{small}',
             f'         {plan.batches_per_epoch(g.start)} batches and {g.steps} optimizer steps per epoch; '
@@ -414,8 +415,8 @@ def _small_data(plan: Plan) -> list:
     per = -(-plan.n_train // plan.world_size)
     return [f'WARNING: the effective batch is larger than the training data ({stages}; there are {plan.n_train} '
             f'training items): each optimizer step sees only {small[0][2]}, so that is the real effective batch. '
-            f'Fix: lower --batch-size (or --stage2-batch-size) x --accumulation-steps to at most {per}, or train on '
-            'more data']
+            f'Fix: lower --batch-size (or --stage2-batch-size) x --accumulation-steps to at most {per}, or train '
+            'on more data']
 
 # %% ../nbs/07_schedule.ipynb #06dcf2ce
 def _changes(old: dict, new: dict, ignore=()) -> list:

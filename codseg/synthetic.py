@@ -109,7 +109,7 @@ def png_bytes(a: np.ndarray) -> bytes:
 # %% ../nbs/03_synthetic.ipynb #9da0eb6c
 VERSION = 1  # bump when scenes change: cached datasets are keyed by it
 MARKER = 'codseg-synthetic.json'  # written last; lists the files, so a rewrite removes only those
-PARTIAL = '.codseg-synthetic-partial.json'  # written first, removed last: a write that stopped, which the next one redoes
+PARTIAL = '.codseg-synthetic-partial.json'  # written first, removed last: a stopped write, which the next redoes
 
 def plan(n: int) -> list[tuple[str, str, int, bool]]:
     "(split, file stem, scene index, has object) for each file of an `n`-scene dataset."
@@ -150,10 +150,11 @@ def write_synthetic(d, n: int, size: int, seed: int, say=None) -> Path:  # say: 
     d = Path(d)
     if n < 1 or size < 32: raise ValueError(f'need --n >= 1 and --size >= 32, got {n} and {size}')
     old = _check_target(d)
-    if say and (d/PARTIAL).is_file(): say(f'{d}: redoing the synthetic dataset a stopped make-synthetic left there')
+    if say and (d/PARTIAL).is_file():
+        say(f'{d}: redoing the synthetic dataset a stopped make-synthetic left there')
     files = [str(Path(split)/sub/f'{stem}.png') for split, stem, _, _ in plan(n) for sub in ('Image', 'GT_Object')]
     d.mkdir(parents=True, exist_ok=True)
-    _write_json(d/PARTIAL, dict(files=sorted(set(old) | set(files))))  # first: a stop leaves a folder known as ours
+    _write_json(d/PARTIAL, dict(files=sorted(set(old) | set(files))))  # first: a stopped folder is known as ours
     (d/MARKER).unlink(missing_ok=True)
     for f in set(old) - set(files): (d/f).unlink(missing_ok=True)
     for split, stem, i, obj in plan(n):
