@@ -175,7 +175,10 @@ def _inputs(given: dict, command: str) -> list:
     "(flag name, folder) of each folder the command reads."
     out = []
     if command != 'lr-preview' or given.get('train_size') is None:
-        out += [(f, p) for f in ('dataset_path', 'val_path') for p in _dataset(_flag(f), given.get(f))]
+        val = given.get('val_path')
+        val = None if val and '/' not in val and os.sep not in val and not Path(val).expanduser().exists() else val
+        out += [(f, p) for f, v in (('dataset_path', given.get('dataset_path')), ('val_path', val))
+                for p in _dataset(_flag(f), v)]  # --val-path NAME: a set of the dataset, found with it
     if given.get('input'):
         p = Path(given['input'])
         if not p.exists():

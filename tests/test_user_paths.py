@@ -223,6 +223,9 @@ def test_letter_case_matched_or_named(tmp_path):
     ds = synthetic(tmp_path/'COD10K-v3')
     rc, out, err, _ = codseg('data-check', '--dataset-path', tmp_path/'cod10k-V3')
     assert rc == 0 and f'dataset: {ds}' in out, out + err
+    rc, out, err, _ = codseg('train', '--dataset-path', ds, *TINY, '--val-path', 'cod10k', '--allow-test-training',
+                             '--dry-run', '--checkpoint-dir', tmp_path/'ck', CODSEG_CACHE=str(tmp_path/'cache'))
+    assert rc == 0 and 'COD10K: val (--val-path COD10K' in out, out + err  # a set named in any case
     (tmp_path/'last.pth').write_bytes(b'x')
     rc, out, err, _ = codseg('train', '--dataset-path', ds, '--resume-from', tmp_path/'LAST.pth')
     assert rc == 2 and f"did you mean {tmp_path/'last.pth'}?" in one_line(err), err
