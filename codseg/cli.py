@@ -7,11 +7,14 @@ from __future__ import annotations
 import argparse, errno, importlib, os, re, sys, traceback
 from pathlib import Path
 from .config import Config, add_args, from_args, parse_loggers, DATA, MODEL, PLAN, TRAIN
-from .errors import CHECKPOINT_FIX, DATASET_REQUIRED, NO_INPUT, WRITE_FIX, UsageError, describe, inside_input, is_inside, one_line, report
+from .errors import (CHECKPOINT_FIX, DATASET_REQUIRED, LOGGER_PACKAGES, NO_INPUT, PRETRAINED_FIX, WRITE_FIX,
+                           UsageError, describe, did_you_mean, inside_input, is_inside, logger_missing, one_line,
+                           report)
 
 # %% auto #0
-__all__ = ['CKPT_DEFAULTS', 'CHECKPOINT_HELP', 'TTA_HELP', 'RANGES', 'OUTPUTS', 'COMMANDS', 'train_parser', 'evaluate_parser',
-           'predict_parser', 'find_lr_parser', 'check_sweep', 'check_settings', 'run_command', 'main']
+__all__ = ['CKPT_DEFAULTS', 'CHECKPOINT_HELP', 'TTA_HELP', 'MAX_IMG_SIZE', 'RANGES', 'OUTPUTS', 'COMMANDS', 'train_parser',
+           'evaluate_parser', 'predict_parser', 'find_lr_parser', 'check_sweep', 'check_settings', 'run_command',
+           'main']
 
 # %% ../nbs/20_cli.ipynb #21d2f3c6
 def train_parser():
@@ -78,8 +81,10 @@ def find_lr_parser():
 
 
 # %% ../nbs/20_cli.ipynb #4e654c95
+MAX_IMG_SIZE = 4096  # pixels: far above any COD model's input; a larger one only fails late, in an allocation
+
 RANGES = {  # field: (test, what it must be)
-    'img_size': (lambda v: v >= 32, 'at least 32 (pixels)'),
+    'img_size': (lambda v: 32 <= v <= MAX_IMG_SIZE, f'between 32 and {MAX_IMG_SIZE} (pixels)'),
     'num_workers': (lambda v: v >= 0, '0 or more'),
     'val_fraction': (lambda v: 0 < v < 1, 'between 0 and 1 (exclusive)'),
     'synthetic_n': (lambda v: v >= 4, 'at least 4'),
@@ -146,15 +151,23 @@ def _check_values(cfg: Config, given: dict, command: str):
             if command == 'train' and not cfg.resume_from: make_plan(cfg, 10 ** 6)  # warmup, floor: any size
         except PlanError as e: raise UsageError(str(e)) from None
     if 'start' in given: check_sweep(given['start'], given['end'], given['steps'])
+    if command == 'train': _check_loggers(cfg)
+
+def _check_loggers(cfg: Config):
+    "Refuse a `--logger` whose package is not installed (looked up, not imported: no time lost)."
+    import importlib.util
+    for name in parse_loggers(cfg.logger):
+        if name in LOGGER_PACKAGES and importlib.util.find_spec(name) is None:
+            raise UsageError(logger_missing(name))
 
 def _check_files(given: dict, command: str):
     "The files that must exist, and the dataset flag that must be given."
     for n in ('pretrained_path', 'checkpoint') + (('resume_from',) if command != 'lr-preview' else ()):
         v = given.get(n)
         if v and v != 'auto' and not Path(v).expanduser().is_file():
-            fix = {'pretrained_path': '', 'checkpoint': f'; {CHECKPOINT_FIX}',
+            fix = {'pretrained_path': f'; {PRETRAINED_FIX}', 'checkpoint': f'; {CHECKPOINT_FIX}',
                    'resume_from': f'; {CHECKPOINT_FIX}, or auto'}[n]
-            raise UsageError(f'{_flag(n)} {v}: no such file{fix}')
+            raise UsageError(f'{_flag(n)} {v}: no such file{did_you_mean(v)}{fix}')
     if command in ('train', 'evaluate', 'find-lr') and not given.get('dataset_path'):
         raise UsageError(DATASET_REQUIRED)
 
@@ -162,11 +175,14 @@ def _inputs(given: dict, command: str) -> list:
     "(flag name, folder) of each folder the command reads."
     out = []
     if command != 'lr-preview' or given.get('train_size') is None:
-        out += [(f, p) for f in ('dataset_path', 'val_path') for p in _dataset(_flag(f), given.get(f))]
+        val = given.get('val_path')
+        val = None if val and '/' not in val and os.sep not in val and not Path(val).expanduser().exists() else val
+        out += [(f, p) for f, v in (('dataset_path', given.get('dataset_path')), ('val_path', val))
+                for p in _dataset(_flag(f), v)]  # --val-path NAME: a set of the dataset, found with it
     if given.get('input'):
         p = Path(given['input'])
         if not p.exists():
-            raise UsageError(f'--input {p}: {NO_INPUT}')
+            raise UsageError(f'--input {p}: {NO_INPUT}{did_you_mean(p)}')
         out.append(('input', p if p.is_dir() else p.parent))
     return out
 
@@ -191,7 +207,17 @@ def check_settings(ns: argparse.Namespace, command: str = 'train') -> Config:
     _check_values(cfg, given, command)
     _check_files(given, command)
     _check_outputs(given, command, _inputs(given, command))
+    if command in ('train', 'find-lr'): _check_data(cfg, command)
     return cfg
+
+def _check_data(cfg: Config, command: str):
+    "The data a training command reads, checked as the trainer will (files, sizes, masks); the plan on its size."
+    from codseg.layout import usable_pairs
+    from codseg.schedule import PlanError, make_plan
+    n = len(usable_pairs(cfg)[0])  # a DataError (bad data: exit 1) names the files and the fix
+    if command != 'train' or cfg.resume_from: return  # a resume re-plans from its checkpoint
+    try: make_plan(cfg, n, int(os.environ.get('WORLD_SIZE', 1)))  # --t0, warmup: on the real steps per epoch
+    except PlanError as e: raise UsageError(str(e)) from None
 
 
 # %% ../nbs/20_cli.ipynb #bbd78e4e

@@ -37,6 +37,7 @@ class Config:
     train_sets: Optional[str] = None  # comma-separated names of the sets to train on (default: all but test sets)
     test_sets: Optional[str] = None  # comma-separated names of the sets to evaluate (default: every test set)
     allow_test_training: bool = False  # allow training or validating on a recognised test set (the run is flagged)
+    allow_empty_masks: bool = False  # train and validate on masks with no object (otherwise they stop the run)
     extract_dir: Optional[str] = None  # where input archives are extracted (default: /kaggle/temp, else ~/.cache/codseg)
     # model
     backbone: str = 'edgenext_base'  # timm backbone name (features_only)
@@ -139,8 +140,9 @@ def add_args(parser: argparse.ArgumentParser, names=DATA + MODEL + PLAN + TRAIN,
     for n in names:
         tp, choices = _base_type(hints[n])
         flag, default, h = '--' + n.replace('_', '-'), getattr(d, n), helps.get(n, '')
-        if tp is bool and default:
+        if tp is bool and default:  # --no-name turns it off; --name, the default, is accepted as well
             parser.add_argument('--no-' + n.replace('_', '-'), dest=n, action='store_false', help=h)
+            parser.add_argument(flag, dest=n, action='store_true', default=True, help=f'the default; {h}')
         elif tp is bool: parser.add_argument(flag, dest=n, action='store_true', help=h)
         else:
             parser.add_argument(flag, dest=n, type=tp, choices=choices, default=default,

@@ -5,7 +5,8 @@
 # %% ../nbs/02_data.ipynb #3830ca99
 from __future__ import annotations
 import os, random, warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')  # no version check online (offline Kaggle sessions)
 import albumentations as A
 import cv2, numpy as np, torch
@@ -13,12 +14,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from .config import Config
 from .image import (DataError, read_bytes, jpeg_size, decode_image, read_mask, reduce_factor, shrink_mask,
                           size_mismatch)
-from .layout import Found, Pair, check_pairs, train_val_pairs
+from .layout import Found, Pair, check_pairs, train_val_pairs, usable_pairs
 from .cache import input_scale, read_entry, cache_data
 
 # %% auto #0
-__all__ = ['train_transform', 'eval_transform', 'split_normalize', 'item_rngs', 'SegDataset', 'EpochSampler', 'seed_worker',
-           'make_loader', 'Data', 'build_data']
+__all__ = ['SKIPPED', 'train_transform', 'eval_transform', 'split_normalize', 'item_rngs', 'SegDataset', 'EpochSampler',
+           'seed_worker', 'make_loader', 'Data', 'build_data', 'write_skipped']
 
 # %% ../nbs/02_data.ipynb #1db1a7d7
 def train_transform(size: int, mean, std) -> A.Compose:
@@ -185,6 +186,9 @@ class Data:
     val_ds: SegDataset  # validation pairs, resized and normalised only
     found: Found  # the discovered dataset (test sets, NonCAM counts, problems)
     summary: str  # what was found and used, for the log
+    skipped: list = field(default_factory=list)  # a line per pair --skip-bad left out (`write_skipped`)
+
+SKIPPED = 'skipped.txt'  # beside the checkpoints: every pair --skip-bad left out, one line each
 
 def _summary(cfg: Config, found: Found, train, val, skipped: list[str]) -> str:
     "A few lines on the data of a run."
@@ -199,24 +203,30 @@ def _summary(cfg: Config, found: Found, train, val, skipped: list[str]) -> str:
     if flagged := found.test_trained():
         lines.append(f"  WARNING: trains or validates on recognised test set(s) {', '.join(flagged)} "
                      '(--allow-test-training): their scores are not test scores')
-    miss = sum(len(v) for k, v in found.missing.items() if k == 'train')
-    if skipped or miss:
-        first = f'; first: {skipped[0]}' if skipped else ' (images without masks)'
-        lines.append(f'  --skip-bad: left out {len(skipped) + miss} bad pair(s){first}')
+    if skipped:
+        lines.append(f'  --skip-bad: left out {len(skipped)} bad pair(s), all listed in '
+                     f'{Path(cfg.checkpoint_dir)/SKIPPED}:')
+        lines += [f'    {s}' for s in skipped[:5]]
+        if len(skipped) > 5: lines.append(f'    ... and {len(skipped) - 5} more')
     if found.problems:
         lines.append(f'  {len(found.problems)} naming problem(s): codseg data-check lists them')
     return '\n'.join(lines)
 
 def build_data(cfg: Config, mean, std) -> Data:
     "Training and validation datasets for `cfg`, normalised with the backbone's `mean` and `std`."
-    train, val, found = train_val_pairs(cfg)
-    train, bad_t = check_pairs(train, skip_bad=cfg.skip_bad)
-    val, bad_v = check_pairs(val, skip_bad=cfg.skip_bad)
-    if not train:
-        raise DataError(f'no usable training pairs in {found.root}; run codseg data-check --dataset-path '
-                        f'{cfg.dataset_path}')
+    train, val, found, skipped = usable_pairs(cfg)  # files, sizes and masks checked
     def mk(ps, tf): return SegDataset(ps, tf(cfg.img_size, mean, std), seed=cfg.seed, skip_bad=cfg.skip_bad)
-    summary = _summary(cfg, found, train, val, bad_t + bad_v)
-    data = Data(mk(train, train_transform), mk(val, eval_transform), found, summary)
+    summary = _summary(cfg, found, train, val, skipped)
+    data = Data(mk(train, train_transform), mk(val, eval_transform), found, summary, skipped)
     if cfg.cache_dir: data.summary += '\n' + cache_data(cfg, found, [data.train_ds, data.val_ds])
     return data
+
+def write_skipped(data: Data, out_dir) -> Path | None:
+    "Write every pair `data` left out (--skip-bad) to `out_dir`/skipped.txt, or remove an older list; its path."
+    p = Path(out_dir)/SKIPPED
+    if not data.skipped:
+        p.unlink(missing_ok=True)
+        return None
+    tmp = p.with_name(f'.{SKIPPED}.tmp')
+    tmp.write_text(''.join(f'{s}\n' for s in data.skipped))
+    return tmp.replace(p)

@@ -7,8 +7,9 @@ from __future__ import annotations
 import errno, re, sys, traceback
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FIX', 'WRITE_FIX', 'DATASET_REQUIRED', 'NO_INPUT', 'DISK', 'OOM_FIX', 'UsageError', 'inside_input',
-           'is_inside', 'one_line', 'out_of_memory', 'describe', 'report']
+__all__ = ['CHECKPOINT_FIX', 'WRITE_FIX', 'DATASET_REQUIRED', 'NO_INPUT', 'PRETRAINED_FIX', 'LOGGER_PACKAGES', 'DISK', 'OOM_FIX',
+           'UsageError', 'logger_missing', 'inside_input', 'is_inside', 'case_match', 'did_you_mean', 'one_line',
+           'out_of_memory', 'describe', 'report']
 
 # %% ../nbs/00b_errors.ipynb #18e3164b
 class UsageError(ValueError):
@@ -18,6 +19,15 @@ CHECKPOINT_FIX = 'pass a codseg last.pth or best_model.pth'  # the fix for a mis
 WRITE_FIX = 'pass a folder you can write to'  # the fix for an output that cannot be written
 DATASET_REQUIRED = '--dataset-path is required: a dataset folder, a /kaggle/input mount, or synthetic'
 NO_INPUT = 'no such file or folder: pass an image or a folder of images'  # predict's --input that is not there
+PRETRAINED_FIX = ('pass --pretrained-path FILE (the weights file of the backbone, e.g. model.safetensors from '
+                  'hf.co/timm, added as a Kaggle dataset), --pretrained-path auto (a timm model attached as a '
+                  'Kaggle Model), or --no-pretrained to train from random init')  # weights that cannot be had
+LOGGER_PACKAGES = {'tensorboard': 'pip install tensorboard',  # --logger name: how to install its package
+                   'wandb': 'pip install codseg[wandb] (or pip install wandb)'}
+
+def logger_missing(name: str, why: str = '') -> str:
+    "The message for `--logger name` whose package is not installed (`why`: the import error, if any)."
+    return f"--logger {name} needs the {name} package{f' ({why})' if why else ''}: {LOGGER_PACKAGES[name]}"
 
 # %% ../nbs/00b_errors.ipynb #c302276a
 from pathlib import Path
@@ -33,6 +43,28 @@ def is_inside(p, folder) -> bool:
     "Whether path `p` is `folder` or below it."
     p, folder = Path(p).expanduser().resolve(), Path(folder).expanduser().resolve()
     return p == folder or folder in p.parents
+
+# %% ../nbs/00b_errors.ipynb #788d6041
+import os
+
+def case_match(p) -> Path | None:
+    "The existing path that differs from `p` only in letter case (one candidate at each level), else None."
+    p = Path(os.path.abspath(Path(p).expanduser()))
+    q = Path(p.anchor)
+    for part in p.parts[1:]:
+        if (q/part).exists():
+            q = q/part
+            continue
+        try: hits = [e for e in os.scandir(q) if e.name.lower() == part.lower()]
+        except OSError: return None
+        if len(hits) != 1: return None
+        q = Path(hits[0].path)
+    return q
+
+def did_you_mean(p) -> str:
+    "'; did you mean Q?' when the missing path `p` exists as Q in another letter case, else ''."
+    q = case_match(p)
+    return f'; did you mean {q}?' if q and q != Path(os.path.abspath(Path(p).expanduser())) else ''
 
 # %% ../nbs/00b_errors.ipynb #babc37ac
 _SPACE_FIX = 'free some space or pass a folder on another disk'

@@ -89,7 +89,7 @@ def score_set(model, loader, device, tta=False, amp_dtype=None, save_dir=None, d
                 meter.update(pred, gt, name)
                 if save_dir: _write_png(Path(save_dir)/f'{name}.png', pred)
             bar.update(len(b['gt']))
-    return {'images': meter.count, **meter.compute()}
+    return {'images': meter.count, 'empty_masks': meter.n_empty, **meter.compute()}
 
 def _write_png(path: Path, a: np.ndarray):
     "Write uint8 array `a` (grey or RGB) as an image file; an error names the path."
@@ -113,7 +113,7 @@ def find_test_sets(path, cfg: Config, say=print) -> tuple[dict, Path]:
     out = {}
     for k, v in sets.items():  # with --skip-bad every file is decoded, so a bad one is left out here, not met later
         out[k], bad = check_pairs(v, skip_bad=cfg.skip_bad, decode=cfg.skip_bad)
-        if bad: say(f'--skip-bad: left out {len(bad)} bad pair(s) of {k}; first: {bad[0]}')
+        if bad: say(f'--skip-bad: left out {len(bad)} bad pair(s) of {k}:' + ''.join(f'\n  {m}' for m in bad))
     return out, found.root
 
 def _out_paths(checkpoint, output, tta: bool) -> tuple[Path, Path]:
@@ -165,6 +165,10 @@ def evaluate(checkpoint, dataset_path, output=None, tta: bool = False,
     trained = [r['dataset'] for r in rows if r['dataset'].lower() in _test_trained(cfg)]  # marked in the table
     rows = [{**r, 'dataset': r['dataset'] + ' [trained on]'} if r['dataset'] in trained else r for r in rows]
     say(format_table(rows))
+    for r in rows:
+        if r['empty_masks']:
+            say(f"{r['dataset']}: {r['empty_masks']} of {r['images']} masks are empty (no object); IoU and Dice "
+                'count 1 for each of them where nothing is predicted (Sm: 1 minus the mean prediction)')
     meta = dict(checkpoint=str(checkpoint), dataset_path=str(dataset_path), root=str(root), img_size=cfg.img_size,
                 tta=tta, include_noncam=cfg.include_noncam, backbone=cfg.backbone, test_trained=trained)
     say(write_results(rows, meta, csv_p, json_p) + (f'; maps in {save_predictions}' if save_predictions else ''))
@@ -183,7 +187,7 @@ def write_results(rows: list[dict], meta: dict, csv_path: Path, json_path: Path)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     existed = csv_path.exists() or json_path.exists()
     with open(csv_path, 'w', newline='') as f:
-        wr = csv.DictWriter(f, fieldnames=['dataset', 'images', *METRICS])
+        wr = csv.DictWriter(f, fieldnames=['dataset', 'images', 'empty_masks', *METRICS])
         wr.writeheader()
         wr.writerows(rows)
     json_path.write_text(json.dumps({**meta, 'results': rows}, indent=2))
@@ -237,7 +241,7 @@ def _readable(files: list[Path], input, skip_bad: bool, say) -> list[Path]:
     first = next(iter(bad.values()), '')
     if bad and not skip_bad: raise DataError(f'{len(bad)} bad image(s) in --input {input}. First: {first}')
     if len(bad) == len(files): raise DataError(f'--skip-bad: no readable image in --input {input}; first: {first}')
-    if bad: say(f'--skip-bad: left out {len(bad)} bad image(s); first: {first}')
+    if bad: say(f'--skip-bad: left out {len(bad)} bad image(s):' + ''.join(f'\n  {m}' for m in bad.values()))
     return [f for f in files if f not in bad]
 
 def predict(checkpoint, input, output, masks: bool = False, overlays: bool = False, tta: bool = False,

@@ -10,8 +10,9 @@ import numpy as np
 from PIL import Image
 
 # %% auto #0
-__all__ = ['FIX', 'DataError', 'is_jpeg', 'damage', 'file_damage', 'read_bytes', 'jpeg_size', 'decode_image', 'read_image',
-           'read_mask', 'image_size', 'size_mismatch', 'check_images', 'reduce_factor', 'shrink_mask']
+__all__ = ['FIX', 'GREY_BAND', 'MAX_GREY', 'MASK_KINDS', 'DataError', 'is_jpeg', 'damage', 'file_damage', 'read_bytes',
+           'jpeg_size', 'decode_image', 'read_image', 'read_mask', 'image_size', 'size_mismatch', 'check_images',
+           'mask_stats', 'mask_kind', 'mask_kinds', 'reduce_factor', 'shrink_mask']
 
 # %% ../nbs/00a_image.ipynb #17537d01
 class DataError(ValueError):
@@ -125,8 +126,8 @@ def read_image(path, reduce: int = 1) -> np.ndarray:
     "Image file `path` as RGB uint8 HxWx3; a JPEG decoded at 1/`reduce` of its size (sides rounded up)."
     return decode_image(read_bytes(path), path, reduce)
 
-def read_mask(path) -> np.ndarray:
-    "Mask file `path` as uint8 HxW in {0, 1} (object where > 127)."
+def _mask_levels(path) -> np.ndarray:
+    "Mask file `path` as one channel (HxW) of levels 0-255, or 0-1 for a 0/1 mask, before thresholding."
     cv2 = _cv2()
     m = _decode(read_bytes(path), cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION, path)
     if m.ndim == 3:
@@ -134,6 +135,11 @@ def read_mask(path) -> np.ndarray:
         m = m[..., 3] if m.shape[2] == 4 and rgb.min() == rgb.max() else rgb.max(2)
     if m.dtype.kind == 'f': m = np.nan_to_num(m) * (255 if m.max() <= 1 else 1)
     elif m.dtype.itemsize > 1: m = m >> 8 if m.max() > 255 else m
+    return m
+
+def read_mask(path) -> np.ndarray:
+    "Mask file `path` as uint8 HxW in {0, 1} (object where > 127)."
+    cv2, m = _cv2(), _mask_levels(path)
     if m.max() == 1: return m.astype(np.uint8)
     if m.dtype == np.uint8:  # one pass
         return cv2.threshold(np.ascontiguousarray(m), 127, 1, cv2.THRESH_BINARY)[1]
@@ -165,6 +171,39 @@ def check_images(paths, decode: bool = False, workers: int = 8) -> list[str | No
         try: image_size(p, decode)
         except DataError as e: return str(e)
     with ThreadPoolExecutor(workers) as ex: return list(ex.map(check, paths))
+
+# %% ../nbs/00a_image.ipynb #87691a7a
+GREY_BAND = (64, 191)  # mask levels that are neither background nor object
+MAX_GREY = 0.1  # a mask with a larger fraction of grey pixels is not binary
+MASK_KINDS = {'empty': 'no object', 'full': 'every pixel is object',  # kind: what it means
+              'not binary': f'over {MAX_GREY:.0%} grey pixels: an image or a soft map, not a mask'}
+
+@functools.lru_cache(maxsize=None)
+def _stats(path: str, size: int, mtime: int) -> tuple[float, float]:  # size, mtime: a changed file is read again
+    m = _mask_levels(path)
+    if m.dtype != np.uint8: m = np.clip(m, 0, 255).astype(np.uint8)
+    h = _cv2().calcHist([m], [0], None, [256], [0, 256]).ravel().astype(np.int64)  # one pass: pixels per level
+    lo, hi = GREY_BAND
+    if not h[2:].any(): return h[1] / m.size, 0.0  # a 0/1 mask
+    return h[128:].sum() / m.size, h[lo:hi + 1].sum() / m.size
+
+def mask_stats(path) -> tuple[float, float]:
+    "(object fraction, grey fraction) of mask file `path`: its pixels above 127, and those in `GREY_BAND`."
+    st = os.stat(path)
+    return _stats(str(path), st.st_size, st.st_mtime_ns)
+
+def mask_kind(stats: tuple[float, float]) -> str | None:
+    "What is wrong with a mask of `stats` (from `mask_stats`): a key of `MASK_KINDS`, or None."
+    obj, grey = stats
+    if grey > MAX_GREY: return 'not binary'
+    return 'empty' if obj == 0 else 'full' if obj == 1 else None
+
+def mask_kinds(paths, workers: int = 8) -> list[str | None]:
+    "`mask_kind` of each mask file of `paths`, or the message of a file that cannot be read; in threads."
+    def kind(p):
+        try: return mask_kind(mask_stats(p))
+        except DataError as e: return str(e)
+    with ThreadPoolExecutor(workers) as ex: return list(ex.map(kind, paths))
 
 # %% ../nbs/00a_image.ipynb #013e1a96
 def reduce_factor(h: int, w: int, k: float) -> int:

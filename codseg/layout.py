@@ -14,8 +14,8 @@ from pathlib import Path
 try: import fcntl  # file locks (POSIX)
 except ImportError: fcntl = None
 from .config import Config, add_args, from_args
-from .errors import inside_input
-from .image import DataError, FIX, image_size, size_mismatch
+from .errors import case_match, inside_input
+from .image import DataError, FIX, MASK_KINDS, image_size, mask_kinds, size_mismatch
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'IMAGE_DIRS', 'MASK_DIRS', 'MASK_SUFFIXES', 'SPLIT_DIRS', 'SINET_TRAIN', 'SINET_TEST', 'ARCHIVE_EXTS',
@@ -23,7 +23,8 @@ __all__ = ['IMAGE_EXTS', 'IMAGE_DIRS', 'MASK_DIRS', 'MASK_SUFFIXES', 'SPLIT_DIRS
            'is_image_file', 'layout_of', 'kaggle_input_dir', 'is_archive', 'find_roots', 'find_archives',
            'find_dataset_root', 'Pair', 'is_noncam', 'DataSet', 'Found', 'assign_roles', 'default_extract_dir',
            'archive_summary', 'extract', 'discover', 'split_train_val', 'dataset_root', 'discover_cfg',
-           'train_val_pairs', 'train_size', 'check_pairs', 'check_json', 'data_check_cli']
+           'train_val_pairs', 'train_size', 'check_pairs', 'mask_line', 'masks_by_kind', 'check_masks', 'usable_pairs',
+           'check_json', 'data_check_cli']
 
 # %% ../nbs/01_layout.ipynb #efb28120
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')  # image and mask file extensions
@@ -147,6 +148,7 @@ def find_dataset_root(path=None, kaggle_input=None) -> Path:
         if p.is_file() and is_archive(p.name): return p.parent
         if p.is_file():
             raise DataError(f"--dataset-path '{p}' is a file; it must be a folder holding {LAYOUT_HELP}.")
+        if not p.exists() and (q := case_match(p)): p = q  # the same path in another letter case
         if not p.is_dir():
             hits = [d for d in (_walk(kin) if kin.is_dir() else []) if d.name.lower() == p.name.lower()]
             if not hits: raise _not_found(p, kin)
@@ -158,16 +160,34 @@ def find_dataset_root(path=None, kaggle_input=None) -> Path:
     if layout_of(p): return p
     roots = find_roots(p) + [a.parent for a in find_archives(p)]
     if roots: return roots[0] if len(roots) == 1 else _common(roots)
-    raise DataError(f'no dataset found in {p} (searched {MAX_DEPTH} levels down). Looked for {LAYOUT_HELP}. '
-                    f'Found: {_listing(p)}{_image_folders(p)}. Fix: point --dataset-path at the folder holding '
-                    'these.')
+    raise _no_dataset(p)
 
-def _image_folders(base: Path, n=5) -> str:
-    "'; folders holding images: ...' for the first `n` folders below `base` that hold image files (or '')."
-    hits = [d for d in _walk(base) if any(e.is_file() and is_image_file(e.name) for e in _entries(d))]
-    if not hits: return '; no image files anywhere below it'
-    more = ' ...' if len(hits) > n else ''
-    return '; folders holding images: ' + ', '.join(f'{d.relative_to(base)}/' for d in hits[:n]) + more
+def _no_dataset(p: Path) -> DataError:
+    "The error for folder `p` that holds no dataset: a folder inside one, images without masks, or neither."
+    if up := [a for a in list(p.parents)[:3] if layout_of(a)]:  # Train/Image given: the root above it
+        return DataError(f'--dataset-path {p} is a folder inside the dataset {up[-1]} ({layout_of(up[-1])} '
+                         'layout); codseg finds its image and mask folders itself. '
+                         f'Fix: pass --dataset-path {up[-1]}')
+    imgs = _image_dirs(p)
+    if len(imgs) == 1 or imgs and all(d.name.lower() in IMAGE_DIRS for d in imgs):  # images, nothing like masks
+        return DataError(f'no masks in {p}: folders holding images: {_rel_dirs(p, imgs)}, but no mask folder '
+                         f"beside them (mask folders: {', '.join(MASK_DIRS)}). Fix: add the masks, one per image "
+                         'with the same file name stem, in a folder named like that beside the images folder '
+                         '(e.g. '
+                         f'{imgs[0].parent}/masks), then pass the folder holding both')
+    held = f'; folders holding images: {_rel_dirs(p, imgs)}' if imgs else '; no image files anywhere below it'
+    return DataError(f'no dataset found in {p} (searched {MAX_DEPTH} levels down). Looked for {LAYOUT_HELP}. '
+                     f'Found: {_listing(p)}{held}. Fix: name the image and mask folders as above (e.g. images/ '
+                     "beside masks/), or point --dataset-path at the dataset's root folder")
+
+def _image_dirs(base: Path) -> list[Path]:
+    "The folders at or below `base` that hold image files."
+    return [d for d in _walk(base) if any(e.is_file() and is_image_file(e.name) for e in _entries(d))]
+
+def _rel_dirs(base: Path, dirs: list[Path], n=5) -> str:
+    "The first `n` of `dirs` relative to `base`, as folder names."
+    names = [f'{d.relative_to(base)}/' if d != base else f'{d}/' for d in dirs[:n]]
+    return ', '.join(names) + (' ...' if len(dirs) > n else '')
 
 # %% ../nbs/01_layout.ipynb #6ce2f2df
 @dataclass
@@ -686,6 +706,67 @@ def check_pairs(pairs: list[Pair], *, skip_bad: bool, decode=False, workers=8) -
         raise DataError(f'{len(bad)} bad image/mask pair(s). First: {bad[0]}{more}')
     return [p for p, m in zip(pairs, msgs) if not m], bad
 
+# %% ../nbs/01_layout.ipynb #733b3192
+def _eg(items, n=3) -> str:
+    "The first `n` of `items`, and how many more there are."
+    return ', '.join(map(str, items[:n])) + (f' and {len(items) - n} more' if len(items) > n else '')
+
+def mask_line(kind: str, mask) -> str:
+    "The line for `mask` whose kind (`mask_kinds`) is `kind`: a key of `MASK_KINDS`, or a read error's message."
+    return f'{kind} mask {mask} ({MASK_KINDS[kind]})' if kind in MASK_KINDS else kind
+
+def masks_by_kind(pairs: list[Pair], workers: int = 8) -> dict[str, list[tuple[Pair, str]]]:
+    "The pairs of `pairs` whose mask is empty, full, not binary or unreadable ('bad'), by kind (with its message)."
+    have, by = [p for p in pairs if p.mask is not None], {}
+    for p, k in zip(have, mask_kinds([p.mask for p in have], workers)):
+        if k and not (k == 'empty' and is_noncam(p.name)):  # a NonCAM image (--include-noncam) has no object
+            by.setdefault(k if k in MASK_KINDS else 'bad', []).append((p, k))
+    return by
+
+def _all_same(split: str, kind: str, pairs: list[Pair]) -> DataError:
+    "The error for a split whose masks are all of `kind`."
+    folders = _eg(sorted({str(p.mask.parent) for p in pairs}), 2)
+    return DataError(f'all {len(pairs)} {split} masks are {kind} ({MASK_KINDS[kind]}), in {folders}: nothing to '
+                     'learn or measure. Is that the mask folder? Fix: point '
+                     '--dataset-path at a dataset whose masks mark the objects (white on black), or fix the masks')
+
+def check_masks(pairs: list[Pair], *, skip_bad: bool, allow_empty: bool, split: str = 'training',
+                workers: int = 8) -> tuple[list[Pair], list[str]]:
+    "The pairs whose masks can be used and a line per pair left out; stops on degenerate masks unless allowed."
+    have, by = [p for p in pairs if p.mask is not None], masks_by_kind(pairs, workers)
+    for k in MASK_KINDS:
+        if have and len(by.get(k, ())) == len(have) and not (k == 'empty' and allow_empty and split != 'training'):
+            raise _all_same(split, k, have)
+    bad = by.get('full', []) + by.get('not binary', []) + by.get('bad', [])
+    if bad and not skip_bad:
+        raise DataError(f'{len(bad)} {split} mask(s) cannot be used, e.g. {mask_line(bad[0][1], bad[0][0].mask)}'
+                        f"{'; ' + _eg([p.mask for p, _ in bad[1:]]) if len(bad) > 1 else ''}. Fix: correct or "
+                        'remove those pairs (codseg data-check lists them all), or pass --skip-bad to leave them '
+                        'out')
+    empty = [] if allow_empty else by.get('empty', [])
+    if empty and not skip_bad:
+        raise DataError(f'{len(empty)} {split} mask(s) are empty (no object), e.g. '
+                        f'{_eg([p.mask for p, _ in empty])}. Fix: if those images have nothing to find, pass '
+                        '--allow-empty-masks (they are trained on and counted in the epoch line); else correct '
+                        'the masks, or pass --skip-bad to leave them out')
+    out = {id(p): mask_line(k, p.mask) for p, k in bad + empty}
+    return [p for p in pairs if id(p) not in out], list(out.values())
+
+def usable_pairs(cfg: Config) -> tuple[list[Pair], list[Pair], Found, list[str]]:
+    "Training and validation pairs of `cfg` after every check (masks, files, sizes), and a line per pair left out."
+    train, val, found = train_val_pairs(cfg)
+    left = [f'no mask for image {m}' for m in found.missing.get('train', [])]  # only with --skip-bad
+    for split, ps in (('training', train), ('validation', val)):
+        ps, bad = check_pairs(ps, skip_bad=cfg.skip_bad)
+        ps, empty = check_masks(ps, skip_bad=cfg.skip_bad, allow_empty=cfg.allow_empty_masks, split=split)
+        left += bad + empty
+        if split == 'training': train = ps
+        else: val = ps
+    if not train:
+        raise DataError(f'no usable training pairs in {found.root}; run codseg data-check --dataset-path '
+                        f'{cfg.dataset_path}')
+    return train, val, found, left
+
 # %% ../nbs/01_layout.ipynb #750d15d2
 def _pairs_or_stop(cfg: Config, stop: list[str]) -> tuple[list[Pair], list[Pair], Found]:
     "`train_val_pairs(cfg)`; on a DataError, note it in `stop` and count as --skip-bad would."
@@ -699,7 +780,7 @@ def _pairs_or_stop(cfg: Config, stop: list[str]) -> tuple[list[Pair], list[Pair]
 
 def _report(cfg: Config, decode: bool, say, as_json=False) -> int:
     "Say what `cfg`'s dataset holds (text, or one JSON object); 0 if training would start, 1 if it would stop."
-    stop, out = [], say
+    stop, hard, out = [], [], say  # hard: what stops training also with --skip-bad
     if as_json: say = lambda *a: None
     tr, va, found = _pairs_or_stop(cfg, stop)
     say(f'dataset: {found.root}\nlayout:  {found.layout}')
@@ -722,20 +803,43 @@ def _report(cfg: Config, decode: bool, say, as_json=False) -> int:
         + f' pairs: {sum(len(b) for _, b in checked.values())} bad')
     if n_bad := len(checked['training'][1]) + len(checked['validation'][1]):
         stop.append(f'{n_bad} bad training/validation pair(s), listed above')
+    left_out = bool(stop)
+    mask_lines, masks = _mask_report(cfg, checked, stop, hard)
+    kinds = [f"{k} {', '.join(f'{len(v)} {kind}' for kind, v in m.items())}" for k, m in masks.items()]
+    say(f"read the masks: {'; '.join(kinds) or 'none empty, full or not binary'}")
     if tr:
         held = f'seeded {cfg.val_fraction:.0%} of train, seed {cfg.seed}'
         how = f'--val-path {cfg.val_path}' if cfg.val_path else held
         say(f"training {len(checked['training'][0])}, validation {len(checked['validation'][0])} ({how}"
-            + (', bad pairs left out)' if stop else ')'))
-    problems = found.problems + [m for _, b in checked.values() for m in b]
+            + (', bad pairs left out)' if left_out else ')'))
+    problems = found.problems + [m for _, b in checked.values() for m in b] + mask_lines
     for s in problems[:30]: say(f'problem: {s}')
     if len(problems) > 30: say(f'  ... and {len(problems) - 30} more')
     if not problems: say('no problems found')
-    rc = 1 if stop and (not cfg.skip_bad or not tr) else 0
+    rc = 1 if hard or stop and (not cfg.skip_bad or not tr) else 0
+    stop += hard
     if rc: say('training would stop:\n' + '\n'.join(f'  - {s}' for s in stop))
     elif stop: say('with --skip-bad, training leaves the bad pairs out')
-    if as_json: out(json.dumps(check_json(found, checked, cfg, problems, stop, rc)))
+    if as_json: out(json.dumps(check_json(found, checked, cfg, problems, stop, rc) | {'masks': masks}))
     return rc
+
+def _mask_report(cfg: Config, checked: dict, stop: list, hard: list) -> tuple[list[str], dict]:
+    ("Problem lines and `--json`'s `masks` ({set: {kind: [mask files]}}) of the checked sets; what would stop "
+     "training goes to `stop`, or to `hard` when --skip-bad would not help.")
+    lines, out = [], {}
+    for k, (ok, _) in checked.items():
+        by = masks_by_kind(ok)
+        lines += [mask_line(kind, p.mask) for ps in by.values() for p, kind in ps]
+        if by: out[k] = {('unreadable' if kind == 'bad' else kind): [str(p.mask) for p, _ in ps]
+                         for kind, ps in by.items()}
+        if k in ('training', 'validation'):
+            try: check_masks(ok, skip_bad=cfg.skip_bad, allow_empty=cfg.allow_empty_masks, split=k)
+            except DataError as e: (hard if cfg.skip_bad else stop).append(str(e))
+            continue
+        have = [p for p in ok if p.mask is not None]
+        if same := [kind for kind in MASK_KINDS if have and len(by.get(kind, ())) == len(have)]:
+            lines.insert(0, str(_all_same(f'{k} (test)', same[0], have)))
+    return lines, out
 
 def check_json(found: Found, checked: dict, cfg: Config, problems: list, stop: list, rc: int) -> dict:
     "`codseg data-check --json`'s object."
@@ -757,7 +861,8 @@ def _bad_file(msg: str) -> str:
 # %% ../nbs/01_layout.ipynb #4e997abc
 DATA_CHECK_FIELDS = ('dataset_path', 'val_path', 'val_fraction', 'include_noncam', 'skip_bad', 'seed',
                      'synthetic_n',
-                     'synthetic_size', 'train_sets', 'test_sets', 'allow_test_training', 'extract_dir')
+                     'synthetic_size', 'train_sets', 'test_sets', 'allow_test_training', 'allow_empty_masks',
+                     'extract_dir')
 
 def data_check_cli(argv=None) -> int:
     "`codseg data-check --dataset-path P`: print what the dataset holds, without training."

@@ -40,20 +40,22 @@ def iou_dice(logits_or_probs: torch.Tensor, masks: torch.Tensor, threshold: floa
 
 # %% ../nbs/06_metrics.ipynb #07125a16
 class SegMeter:
-    "Mean per-image IoU and Dice over a dataset; `sums` ([sum_iou, sum_dice, count], float64) for all_reduce."
+    "Mean per-image IoU and Dice over a dataset; `sums` ([sum_iou, sum_dice, count, empty], float64): all_reduce."
     def __init__(self, threshold: float = THRESHOLD):
         self.threshold = threshold
         self.reset()
 
-    def reset(self): self.sums = torch.zeros(3, dtype=torch.float64)
+    def reset(self): self.sums = torch.zeros(4, dtype=torch.float64)
 
     def update(self, logits: torch.Tensor, masks: torch.Tensor):
         "Add a batch of logits (B,1,H,W) and masks of the same shape."
-        self.add(*iou_dice(logits.detach(), masks, self.threshold, from_logits=True))
+        empty = (~_mask_foreground(masks).flatten(1).any(1)).sum()
+        self.add(*iou_dice(logits.detach(), masks, self.threshold, from_logits=True), empty)
 
-    def add(self, iou: torch.Tensor, dice: torch.Tensor):
+    def add(self, iou: torch.Tensor, dice: torch.Tensor, empty=0):  # empty: how many of them had an empty mask
         "Add per-image scores (from `iou_dice`)."
-        self.sums += torch.stack([iou.sum(), dice.sum(), iou.new_tensor(len(iou))]).cpu()
+        empty = torch.as_tensor(empty).to(iou)  # a count, or a tensor on the device
+        self.sums += torch.stack([iou.sum(), dice.sum(), iou.new_tensor(len(iou)), empty]).cpu()
 
     def merge(self, other: SegMeter) -> SegMeter:
         "Add another meter's sums (another rank's, another shard's) to this one."
@@ -61,9 +63,10 @@ class SegMeter:
         return self
 
     def compute(self) -> dict:
-        "{'iou': mean IoU, 'dice': mean Dice} (NaN before any update)."
-        n = self.sums[2].item()
-        return {k: (self.sums[i] / n).item() if n else math.nan for i, k in enumerate(('iou', 'dice'))}
+        "{'iou': mean IoU, 'dice': mean Dice} (NaN before any update), and 'empty_masks' when any mask was empty."
+        n, empty = self.sums[2].item(), int(self.sums[3].item())
+        out = {k: (self.sums[i] / n).item() if n else math.nan for i, k in enumerate(('iou', 'dice'))}
+        return out | ({'empty_masks': empty} if empty else {})
 
 # %% ../nbs/06_metrics.ipynb #f96ffdb2
 def to_uint8_map(prob, size,
@@ -103,7 +106,8 @@ class SODMeter:
         for m in (self.sm, self.em, self.wfm, self.mae): m.step(pred=pred, gt=gt)
         self.n_empty += int(not gt.any())
         prob = torch.from_numpy(pred)[None].float() / 255  # > 0.5 exactly where the uint8 value is >= 128
-        self.seg.add(*iou_dice(prob, torch.from_numpy(gt)[None], self.seg.threshold, from_logits=False))
+        self.seg.add(*iou_dice(prob, torch.from_numpy(gt)[None], self.seg.threshold, from_logits=False),
+                     int(not gt.any()))
 
     def compute(self) -> dict:
         "{'Sm', 'meanEm', 'adpEm', 'maxEm', 'wFm', 'MAE', 'IoU', 'Dice'} over the images seen."

@@ -9,11 +9,12 @@ from functools import lru_cache
 from pathlib import Path
 import timm, torch
 import torch.nn as nn, torch.nn.functional as F
+from .errors import PRETRAINED_FIX, did_you_mean
 
 # %% auto #0
-__all__ = ['GN_GROUPS', 'KAGGLE_INPUT', 'WEIGHT_EXTS', 'conv_gn', 'upsample_to', 'names_model', 'weight_files',
-           'find_kaggle_weights', 'create_backbone', 'expert_views', 'phase_lines', 'dilation_canvas', 'CueExperts',
-           'Router', 'CueMoE', 'Fuse', 'Head', 'backbone_stages', 'stage_params', 'CODNet', 'build_model',
+__all__ = ['GN_GROUPS', 'KAGGLE_INPUT', 'WEIGHT_EXTS', 'HUB_TIMEOUT', 'conv_gn', 'upsample_to', 'names_model', 'weight_files',
+           'find_kaggle_weights', 'hub_reachable', 'create_backbone', 'expert_views', 'phase_lines', 'dilation_canvas',
+           'CueExperts', 'Router', 'CueMoE', 'Fuse', 'Head', 'backbone_stages', 'stage_params', 'CODNet', 'build_model',
            'set_grad_checkpointing', 'n_backbone_stages', 'unfreeze_backbone', 'freeze_backbone', 'param_groups']
 
 # %% ../nbs/04_model.ipynb #9c127c95
@@ -82,37 +83,87 @@ def find_kaggle_weights(name: str, root=None, say=print) -> Path:
         f"or --no-pretrained.")
 
 # %% ../nbs/04_model.ipynb #1f9e861a
+HUB_TIMEOUT = 3.0  # seconds the hub gets to take a connection before the session counts as offline
+
 def _unknown_backbone(name: str) -> ValueError:
     "The error for a name timm does not know, with similar names."
     like = timm.list_models(f"*{name.split('_')[0]}*")[:10]
     return ValueError(f"--backbone {name}: timm has no such model" + (f"; similar: "
                                                                       f"{', '.join(like)}" if like else ''))
 
+def _first_line(e: BaseException) -> str:
+    "`e` as 'Type: the first line of its message' (a whole sentence, never cut in the middle)."
+    lines = str(e).strip().splitlines()
+    return type(e).__name__ + (f': {lines[0].strip()}' if lines else '')
+
 def _read_backbone_state(path: Path) -> dict:
     "The state dict in `path` (a codseg checkpoint gives its `backbone.` entries)."
     try: sd = timm.models.load_state_dict(str(path))
     except Exception as e:
-        raise RuntimeError(f'--pretrained-path {path}: not a readable weights file ({type(e).__name__}: '
-                           f'{e})') from e
+        raise RuntimeError(f'--pretrained-path {path}: not a readable weights file ({_first_line(e)}); pass a '
+                           '.safetensors, .bin or .pth state dict, or --no-pretrained') from e
     inner = {k[len('backbone.'):]: v for k, v in sd.items() if k.startswith('backbone.')}
     return inner or sd
+
+def _misfit(net: nn.Module, sd: dict) -> str:
+    "Why state dict `sd` does not fit `net`, in words (weights missing, of another shape, extra); '' if it fits."
+    own = net.state_dict()
+    miss, extra = [k for k in own if k not in sd], [k for k in sd if k not in own]
+    shape = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    words = [miss and f'{len(miss)} of its {len(own)} weights are not in the file, e.g. {miss[0]}',
+             shape and f'{len(shape)} have another shape, e.g. {shape[0]} {tuple(sd[shape[0]].shape)} '
+                       f'for {tuple(own[shape[0]].shape)}',
+             extra and f'{len(extra)} entries of the file are none of its weights, e.g. {extra[0]}']
+    return '; '.join(w for w in words if w)
 
 def _backbone_from_file(name: str, path: Path) -> nn.Module:
     "A `features_only` backbone with weights from a local file (hub format, or a codseg backbone state dict)."
     if not path.is_file():
-        raise FileNotFoundError(f'--pretrained-path {path}: no such file. Give the weights file of {name} '
-                                f'(e.g. model.safetensors from hf.co/timm), or --no-pretrained for random init.')
+        raise FileNotFoundError(f'--pretrained-path {path}: no such file{did_you_mean(path)}. Give the weights '
+                                f'file of {name} (e.g. model.safetensors from hf.co/timm), or --no-pretrained for '
+                                'random init.')
     try:
         return timm.create_model(name, features_only=True, pretrained=True,
                                  pretrained_cfg_overlay=dict(file=str(path)))
-    except Exception as e: hub_err = e
-    net = timm.create_model(name, features_only=True, pretrained=False)
-    try: net.load_state_dict(_read_backbone_state(path))
-    except RuntimeError as e:
-        raise RuntimeError(f"--pretrained-path {path}: these are not weights of backbone '{name}' "
-                           f"(as a timm checkpoint: {type(hub_err).__name__}: {str(hub_err)[:300]}; "
-                           f"as a codseg backbone: {str(e)[:300]}). Use the file of the same timm model.") from e
+    except Exception: pass  # not the hub's file of this model: a codseg backbone's state dict, or no weights of it
+    net, sd = timm.create_model(name, features_only=True, pretrained=False), _read_backbone_state(path)
+    if why := _misfit(net, sd):
+        raise RuntimeError(f"--pretrained-path {path}: these are not weights of backbone '{name}' ({why}). Fix: "
+                           f'pass the weights file of {name} itself (e.g. model.safetensors from hf.co/timm), or '
+                           '--no-pretrained')
+    net.load_state_dict(sd)
     return net
+
+def hub_reachable(timeout: float = HUB_TIMEOUT) -> bool:
+    "Whether the hub (`HF_ENDPOINT`, else huggingface.co; or the HTTPS proxy) takes a connection in `timeout` s."
+    import socket, threading
+    from urllib.parse import urlsplit
+    env = os.environ.get
+    u = urlsplit(env('HTTPS_PROXY') or env('https_proxy') or env('HF_ENDPOINT') or 'https://huggingface.co')
+    ok = []
+    def probe():  # in a thread: a name lookup that hangs has no timeout of its own
+        try:
+            with socket.create_connection((u.hostname, u.port or (443 if u.scheme == 'https' else 80)), timeout):
+                ok.append(True)
+        except (OSError, ValueError): pass
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(ok)
+
+def _hub_backbone(name: str) -> nn.Module:
+    "A `features_only` backbone with the hub's ImageNet weights; offline, from the cache or an error at once."
+    from huggingface_hub import constants as hub
+    was = hub.HF_HUB_OFFLINE
+    offline = was or not hub_reachable()
+    hub.HF_HUB_OFFLINE = offline  # offline: no retries, the cached file or an error at once
+    try: return timm.create_model(name, features_only=True, pretrained=True)
+    except Exception as e:
+        why = 'HF_HUB_OFFLINE is set' if was else f'no connection to the hub within {HUB_TIMEOUT:g} s'
+        why = f'{why}, and they are not in the local cache' if offline else _first_line(e)
+        raise RuntimeError(f"could not get ImageNet weights for backbone '{name}' from the timm hub ({why}). "
+                           f'Offline (e.g. a Kaggle session without internet)? Fix: {PRETRAINED_FIX}') from e
+    finally: hub.HF_HUB_OFFLINE = was
 
 def create_backbone(name: str, pretrained: bool, pretrained_path=None, kaggle_input=None) -> nn.Module:
     ("A timm `features_only` backbone: weights from `pretrained_path` if given ('auto': Kaggle Models), else the "
@@ -122,14 +173,7 @@ def create_backbone(name: str, pretrained: bool, pretrained_path=None, kaggle_in
         pretrained_path = find_kaggle_weights(name, kaggle_input) if pretrained else None
     if pretrained_path: return _backbone_from_file(name, Path(pretrained_path))
     if not pretrained: return timm.create_model(name, features_only=True, pretrained=False)
-    try: return timm.create_model(name, features_only=True, pretrained=True)
-    except Exception as e:
-        raise RuntimeError(f"could not get ImageNet weights for backbone '{name}' from the timm hub "
-                           f"({type(e).__name__}: {str(e)[:300]}). "
-                           f"Offline (e.g. a Kaggle session without internet)? Pass --pretrained-path "
-                           f"FILE (the weights file of '{name}', e.g. model.safetensors from hf.co/timm, "
-                           f"added as a "
-                           f"Kaggle dataset), or --no-pretrained to train from random init.") from e
+    return _hub_backbone(name)
 
 # %% ../nbs/04_model.ipynb #7a918567
 def expert_views(n: int) -> list[tuple[str, int]]:

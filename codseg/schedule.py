@@ -15,7 +15,7 @@ from .config import Config, PLAN, resolve
 # %% auto #0
 __all__ = ['CURVES', 'PlanError', 'PlanComplete', 'fmt_lr', 'batches_per_epoch', 'steps_per_epoch', 'cos_anneal', 'onecycle',
            'Cycle', 'restart_cycles', 'restart_lr', 'PlanSettings', 'plan_settings', 'Curve', 'Segment', 'check_plan',
-           'Row', 'Plan', 'make_plan', 'cycle_starts', 'key_steps', 'plan_summary', 'resume_plan']
+           'Row', 'Plan', 'make_plan', 'cycle_starts', 'key_steps', 'effective_batch', 'plan_summary', 'resume_plan']
 
 # %% ../nbs/07_schedule.ipynb #01cdde80
 class PlanError(ValueError):
@@ -365,19 +365,27 @@ def _curve_words(g: Segment, mult: float) -> str:
                  f'to {fmt_lr(g.peak)}, then {words}')
     return words + ('; backbone frozen (LR 0)' if g.stage == 1 else f'; backbone LR = {mult} x decoder LR')
 
+def effective_batch(plan: Plan, e: int) -> tuple[int, int]:
+    ("(effective batch asked: batch x accumulation x processes, images an optimizer step of epoch `e` sees at "
+     "most): fewer when the training data is smaller than the batch asked.")
+    b, acc, w = plan.batch_size(e), plan.settings.accumulation_steps, plan.world_size
+    return b * acc * w, min(b * acc, -(-plan.n_train // w)) * w  # each process sees ceil(n / w) items an epoch
+
 def _stage_lines(plan: Plan, g: Segment) -> list:
     "The description of one stage of `plan`."
     b, acc, w = plan.batch_size(g.start), plan.settings.accumulation_steps, plan.world_size
-    a = plan.first_step(g.start)
+    a, (eff, real) = plan.first_step(g.start), effective_batch(plan, g.start)
+    small = f' asked, but each optimizer step sees only {real} (all {plan.n_train} training items)'
+    small = small if real < eff else ''
     return [f'Stage {g.stage}  Epoch {g.start + 1}-{g.end}: batch {b} x accumulation {acc} x {w} process(es) '
-            f'= effective batch {b * acc * w}',
+            f'= effective batch {eff}{small}',
             f'         {plan.batches_per_epoch(g.start)} batches and {g.steps} optimizer steps per epoch; '
             f'{g.n} steps (global {a}-{a + g.n - 1})',
             f'         {_curve_words(g, plan.settings.backbone_lr_mult)}']
 
 def _per_sample(plan: Plan, g: Segment) -> str:
     "Segment `g`'s peak LR over its effective batch, in words."
-    eff = plan.batch_size(g.start) * plan.settings.accumulation_steps * plan.world_size
+    eff = effective_batch(plan, g.start)[1]  # the images a step really sees
     return f'Stage {g.stage} {fmt_lr(g.peak)} / {eff} = {fmt_lr(g.peak / eff)}'
 
 def plan_summary(plan: Plan) -> str:
@@ -397,7 +405,18 @@ def plan_summary(plan: Plan) -> str:
         lines.append(f'  {where + " (" + label + ")":<42}{s:>8}  {fmt_lr(d):>11}  {fmt_lr(b):>11}')
     lines.append(f"Peak LR / effective batch: {', '.join(_per_sample(plan, g) for g in plan.segments)} "
                  "(the guide's rule of thumb: about 3e-05)")
-    return '\n'.join(lines)
+    return '\n'.join(lines + _small_data(plan))
+
+def _small_data(plan: Plan) -> list:
+    "A warning when a stage's effective batch is more than the training data, else nothing."
+    small = [(g.stage, *effective_batch(plan, g.start)) for g in plan.segments]
+    if not (small := [s for s in small if s[2] < s[1]]): return []
+    stages = ' and '.join(f'Stage {s} asks {eff}' for s, eff, _ in small)
+    per = -(-plan.n_train // plan.world_size)
+    return [f'WARNING: the effective batch is larger than the training data ({stages}; there are {plan.n_train} '
+            f'training items): each optimizer step sees only {small[0][2]}, so that is the real effective batch. '
+            f'Fix: lower --batch-size (or --stage2-batch-size) x --accumulation-steps to at most {per}, or train '
+            'on more data']
 
 # %% ../nbs/07_schedule.ipynb #06dcf2ce
 def _changes(old: dict, new: dict, ignore=()) -> list:

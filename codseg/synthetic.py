@@ -11,8 +11,8 @@ from .errors import UsageError, report
 from .config import Config, add_args, field_help
 
 # %% auto #0
-__all__ = ['DIRS', 'NORM64', 'VERSION', 'MARKER', 'box', 'stretch', 'blobs', 'stripes', 'blob_shape', 'make_scene', 'png_bytes',
-           'plan', 'write_synthetic', 'cache_dir', 'synthetic_root', 'make_synthetic_cli']
+__all__ = ['DIRS', 'NORM64', 'VERSION', 'MARKER', 'PARTIAL', 'box', 'stretch', 'blobs', 'stripes', 'blob_shape', 'make_scene',
+           'png_bytes', 'plan', 'write_synthetic', 'cache_dir', 'synthetic_root', 'make_synthetic_cli']
 
 # %% ../nbs/03_synthetic.ipynb #7b535b82
 DIRS = ((1, 0), (0, 1), (1, 1), (1, -1), (2, 1), (1, 2), (2, -1), (1, -2))  # integer stripe normals: 8 ways
@@ -109,6 +109,7 @@ def png_bytes(a: np.ndarray) -> bytes:
 # %% ../nbs/03_synthetic.ipynb #9da0eb6c
 VERSION = 1  # bump when scenes change: cached datasets are keyed by it
 MARKER = 'codseg-synthetic.json'  # written last; lists the files, so a rewrite removes only those
+PARTIAL = '.codseg-synthetic-partial.json'  # written first, removed last: a stopped write, which the next redoes
 
 def plan(n: int) -> list[tuple[str, str, int, bool]]:
     "(split, file stem, scene index, has object) for each file of an `n`-scene dataset."
@@ -119,16 +120,17 @@ def plan(n: int) -> list[tuple[str, str, int, bool]]:
     return out + [('Test', cam(i), i, True) for i in range(n + 1, n + max(1, n // 4) + 1)]
 
 def _check_target(d: Path) -> list[str]:
-    "The files of a previous synthetic dataset in `d` (to replace); refuses anything else."
+    "The files of a previous (or interrupted) synthetic dataset in `d` (to replace); refuses anything else."
     if d.exists() and not d.is_dir():
         raise FileExistsError(f'{d} is a file; give a folder for the synthetic dataset.')
     if not d.is_dir() or not any(d.iterdir()): return []
-    if not (d/MARKER).is_file():
+    marks = [d/m for m in (MARKER, PARTIAL) if (d/m).is_file()]
+    if not marks:
         raise FileExistsError(f'{d} is not empty and holds no codseg synthetic dataset ({MARKER} is '
                               'missing); codseg never overwrites files it did not write. '
                               'Fix: choose a new or empty folder.')
-    old = json.loads((d/MARKER).read_text())['files']
-    ours = set(old + [MARKER])
+    old = sorted({f for m in marks for f in json.loads(m.read_text())['files']})
+    ours = set(old + [MARKER, PARTIAL, PARTIAL + '.tmp', MARKER + '.tmp'])
     extra = sorted(r for r in (str(p.relative_to(d)) for p in d.rglob('*') if p.is_file()) if r not in ours)
     if extra:
         shown = ', '.join(extra[:5])
@@ -137,22 +139,32 @@ def _check_target(d: Path) -> list[str]:
     return old
 
 # %% ../nbs/03_synthetic.ipynb #d62f5dfe
-def write_synthetic(d, n: int, size: int, seed: int) -> Path:
+def _write_json(p: Path, obj):
+    "Write `obj` as JSON to `p` atomically (a stop mid-write leaves the old file or none)."
+    tmp = p.with_name(p.name + '.tmp')
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(p)
+
+def write_synthetic(d, n: int, size: int, seed: int, say=None) -> Path:  # say: told when a stopped write is redone
     "Write `n` synthetic scenes (plus test and NonCAM images) of `size` px into folder `d`, COD10K-v3 layout."
     d = Path(d)
     if n < 1 or size < 32: raise ValueError(f'need --n >= 1 and --size >= 32, got {n} and {size}')
-    for f in _check_target(d): (d/f).unlink(missing_ok=True)
+    old = _check_target(d)
+    if say and (d/PARTIAL).is_file():
+        say(f'{d}: redoing the synthetic dataset a stopped make-synthetic left there')
+    files = [str(Path(split)/sub/f'{stem}.png') for split, stem, _, _ in plan(n) for sub in ('Image', 'GT_Object')]
+    d.mkdir(parents=True, exist_ok=True)
+    _write_json(d/PARTIAL, dict(files=sorted(set(old) | set(files))))  # first: a stopped folder is known as ours
     (d/MARKER).unlink(missing_ok=True)
-    files = []
+    for f in set(old) - set(files): (d/f).unlink(missing_ok=True)
     for split, stem, i, obj in plan(n):
         img, mask = make_scene(np.random.default_rng([seed, int(obj), i]), size, obj)
         for sub, a in (('Image', img), ('GT_Object', mask)):
             p = d/split/sub/f'{stem}.png'
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(png_bytes(a))
-            files.append(str(p.relative_to(d)))
-    meta = dict(version=VERSION, n=n, size=size, seed=seed, files=files)
-    (d/MARKER).write_text(json.dumps(meta, indent=1))
+    _write_json(d/MARKER, dict(version=VERSION, n=n, size=size, seed=seed, files=files))
+    (d/PARTIAL).unlink()
     return d
 
 # %% ../nbs/03_synthetic.ipynb #82993019
@@ -190,7 +202,7 @@ def make_synthetic_cli(argv=None) -> int:
     add_args(p, ('seed',))
     ns = p.parse_args(sys.argv[1:] if argv is None else argv)
     t0 = time.time()
-    try: out = write_synthetic(ns.dir, ns.synthetic_n, ns.synthetic_size, ns.seed)
+    try: out = write_synthetic(ns.dir, ns.synthetic_n, ns.synthetic_size, ns.seed, say=print)
     except (FileExistsError, ValueError) as e:  # a folder or size that cannot work: a usage error
         return report('make-synthetic', UsageError(str(e)))
     meta = json.loads((out/MARKER).read_text())

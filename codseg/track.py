@@ -8,6 +8,7 @@ import math, os, shutil, threading
 from pathlib import Path
 import numpy as np, torch
 from .config import LOGGERS, parse_loggers
+from .errors import logger_missing
 from .learner import Callback, all_reduce_sum, unwrap
 
 # %% auto #0
@@ -51,13 +52,15 @@ def best_row(history, monitor: str) -> dict | None:
     return pick(rows, key=lambda r: r[k]) if rows else None
 
 # %% ../nbs/14_track.ipynb #59e20ada
-HISTORY_EXTRA = ('val_loss', *FIELD)  # history columns tracking adds, when the epoch's metrics have them
+HISTORY_EXTRA = ('val_loss', *FIELD, 'empty_masks')  # history columns added when the epoch's metrics have them
 
 def epoch_tail(r: dict) -> str:
-    "What the epoch line shows after its other fields: the validation loss and any field measures of row `r`."
+    ("What the epoch line shows after its other fields: the validation loss, any field measures of row `r`, and "
+     "the validation images whose mask is empty (each scores IoU 1 when nothing is predicted there).")
+    empty = f" | Empty masks: {r['empty_masks']} (IoU 1 where nothing predicted)" if r.get('empty_masks') else ''
     return ''.join(f' | {name}: '
                    f'{r[k]:.4f}' for k, name in (('val_loss', 'Val loss'), *((f, LABELS[f]) for f in FIELD))
-                   if k in r)
+                   if k in r) + empty
 
 # %% ../nbs/14_track.ipynb #aeabadfb
 class FieldMeter:
@@ -98,8 +101,7 @@ class TBLogger:
     def __init__(self, folder, purge_step=None):
         try: from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
-            raise ValueError(f'--logger tensorboard needs the tensorboard package ({e}): pip install '
-                             f'tensorboard') from None
+            raise ValueError(logger_missing('tensorboard', str(e))) from None
         self.w = SummaryWriter(str(folder), purge_step=purge_step)
     def scalars(self, d: dict, step: int):
         for k, v in d.items(): self.w.add_scalar(k, v, step)
@@ -123,8 +125,7 @@ class WandbLogger:
     def __init__(self, folder, config: dict, run_id=None, say=print):
         try: import wandb
         except ImportError:
-            raise ValueError('--logger wandb needs the wandb package: pip install codseg[wandb] (or pip install '
-                             'wandb)') from None
+            raise ValueError(logger_missing('wandb')) from None
         mode, key = os.environ.get('WANDB_MODE'), wandb_key()
         if key: os.environ['WANDB_API_KEY'] = key
         elif mode not in ('offline', 'disabled', 'dryrun'):
@@ -319,11 +320,13 @@ def track_callbacks(run, state, step: int) -> list:
     ("Tracking's callbacks for trainer `run` (a `codseg.train.Run`) and its `state` (a `RunState`), starting at "
      "`step`.")
     from codseg.config import to_dict
+    from codseg.data import write_skipped
     cfg = run.cfg
     names, key = parse_loggers(cfg.logger), monitor_key(cfg.monitor)
     cbs = [FieldMetricsCB()] if key in FIELD else []
     if not run.dist.main: return cbs
     out, resume = Path(cfg.checkpoint_dir), run.ckpt if run.full else None
+    if hasattr(run.data, 'skipped'): write_skipped(run.data, out)  # skipped.txt: the pairs --skip-bad left out
     loggers = make_loggers(names, out, to_dict(cfg), resume, step, run.src and run.src.parent, run.say)
     for lg in loggers: state.track.update(lg.state())
     track = TrackCB(loggers, run.plan)

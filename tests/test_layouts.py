@@ -12,9 +12,9 @@ NONCAM = 'COD10K-NonCAM-1-Aquatic-1-Sea-{}'
 
 
 def img(path: Path, mask=False):
-    "Write a tiny 8x8 JPEG image (or PNG mask) at `path`."
+    "Write a tiny 8x8 JPEG image (or PNG mask: black and white, as masks are) at `path`."
     path.parent.mkdir(parents=True, exist_ok=True)
-    a = (np.arange(64, dtype=np.uint8).reshape(8, 8) * 3) if mask else np.full((8, 8, 3), 90, np.uint8)
+    a = np.kron([[0, 255], [255, 0]], np.ones((4, 4))).astype(np.uint8) if mask else np.full((8, 8, 3), 90, np.uint8)
     ok, buf = cv2.imencode(path.suffix, a); assert ok
     path.write_bytes(buf.tobytes())
 
@@ -256,7 +256,7 @@ def test_val_path_folder_that_does_not_exist(session, capsys):
 
 
 JSON_FIELDS = {'layout', 'root', 'train', 'val', 'test', 'roles', 'noncam_excluded', 'bad', 'problems', 'test_trained',
-               'archives', 'seed', 'val_fraction', 'val_path', 'would_train'}  # docs/SPEC.md's list
+               'archives', 'seed', 'val_fraction', 'val_path', 'would_train', 'masks'}  # docs/SPEC.md's list
 
 
 def test_data_check_json_fields(session, capsys):
