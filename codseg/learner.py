@@ -123,6 +123,11 @@ class Learner:
         if self.training: self.skip_batches = 0
 
     @property
+    def group_size(self):
+        "Batches in this batch's accumulation group: `accum`, or fewer in an epoch's last, partial group."
+        return min(self.accum, self.n_batches - self.iter // self.accum * self.accum)
+
+    @property
     def step_due(self):
         "Whether this batch ends an accumulation group (or the epoch)."
         return (self.iter + 1) % self.accum == 0 or self.iter + 1 == self.n_batches
@@ -135,7 +140,7 @@ class Learner:
         self.callback('after_loss')
         if not self.training: return
         with (nullcontext() if self.step_due else self.no_sync()):
-            self.scaler.scale(self.loss / self.accum).backward()
+            self.scaler.scale(self.loss / self.group_size).backward()
 
     def one_step(self):
         "One optimizer step slot: callbacks may cancel it, the slot is used either way."

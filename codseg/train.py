@@ -12,6 +12,7 @@ import torch
 from .config import (Config, resolve, add_args, from_args, to_argv, to_dict, from_dict, save_config, DATA, MODEL,
                            PLAN, TRAIN)
 from .errors import DATASET_REQUIRED
+from .layout import usable_pairs
 from .runtime import (Dist, pick_device, seed_everything, CheckpointPair, copy_atomic, load_checkpoint,
                             rng_state, set_rng_state, find_resume, shared_resume, check_same_arch, model_state,
                             model_from_checkpoint, elastic_restart, StopWatch, STOP_SIGNALS, SHARED_FIX, RunLock,
@@ -322,6 +323,7 @@ class Run:
         self.ckpt = check_format(load_checkpoint(self.src), self.src, self.say) if self.src else None
         if self.ckpt is not None and 'config' in self.ckpt:
             check_same_arch(self.ckpt['config'], self.cfg, self.src)
+        usable_pairs(self.cfg)  # the data checked before weights are fetched (build_data reuses these mask reads)
         seed_everything(self.cfg.seed)
         # weights come from the hub only when needed
         fresh = self.cfg.pretrained and self.ckpt is None and not self.cfg.dry_run
