@@ -31,7 +31,7 @@ def one(backbone: str, batch: int, ckpt: bool, size: int, device: str) -> dict:
     "Peak memory (bytes) of one training step of this configuration, in this process."
     import torch
     from codseg.config import Config
-    from codseg.learner import amp_dtype
+    from codseg.parts import amp_dtype
     from codseg.losses import CODLoss
     from codseg.model import build_model, param_groups
     dev = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device)

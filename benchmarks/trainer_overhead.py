@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine
 from codseg.config import Config
-from codseg.learner import Callback, amp_dtype, to_device
+from codseg.learner import Callback, to_device
+from codseg.parts import amp_dtype
 from codseg.losses import CODLoss
 from codseg.model import param_groups
 

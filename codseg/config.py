@@ -4,14 +4,15 @@
 
 # %% ../nbs/00_config.ipynb #b143ac18
 from __future__ import annotations
-import argparse, dataclasses, inspect, io, json, tokenize, typing
+import argparse, dataclasses, inspect, io, json, os, tokenize, typing
 from dataclasses import dataclass, fields, asdict, replace
 from pathlib import Path
 from typing import Literal, Optional
 
 # %% auto #0
 __all__ = ['Scheduler', 'Loss', 'Monitor', 'Precision', 'DATA', 'MODEL', 'PLAN', 'TRACK', 'LOGGERS', 'TRAIN', 'Config', 'resolve',
-           'field_help', 'parse_loggers', 'add_args', 'from_args', 'to_argv', 'to_dict', 'from_dict', 'save_config']
+           'kaggle_input_dir', 'field_help', 'parse_loggers', 'add_args', 'from_args', 'to_argv', 'to_dict',
+           'from_dict', 'save_config']
 
 # %% ../nbs/00_config.ipynb #668c46e8
 Scheduler = Literal['onecycle', 'cosine', 'cosine_restart', 'none']
@@ -94,6 +95,11 @@ def resolve(cfg: Config) -> Config:
     return replace(cfg, precision='fp32' if not cfg.amp else cfg.precision,
                    stage2_lr=cfg.lr if cfg.stage2_lr is None else cfg.stage2_lr,
                    stage2_batch_size=cfg.batch_size if cfg.stage2_batch_size is None else cfg.stage2_batch_size)
+
+# %% ../nbs/00_config.ipynb #c1f3272d
+def kaggle_input_dir(kaggle_input=None) -> Path:  # kaggle_input: a folder given by the caller
+    "Where Kaggle mounts inputs: `kaggle_input`, else $CODSEG_KAGGLE_INPUT, else /kaggle/input."
+    return Path(kaggle_input or os.environ.get('CODSEG_KAGGLE_INPUT') or '/kaggle/input')
 
 # %% ../nbs/00_config.ipynb #2972f57f
 def field_help(cls=Config) -> dict:

@@ -17,6 +17,7 @@ from .layout import Pair, is_image_file, discover, dataset_root, check_pairs
 from .data import SegDataset, eval_transform, seed_worker
 from .metrics import SODMeter, to_uint8_map
 from .runtime import pick_device, model_from_checkpoint
+from .parts import amp_dtype as _amp, val_batch_size
 
 # %% auto #0
 __all__ = ['TTA_SCALES', 'METRICS', 'RUN_FIELDS', 'load_model', 'EvalDataset', 'collate', 'eval_loader', 'predict_probs',
@@ -131,7 +132,7 @@ def _settings(ck_cfg: Config, path, img_size=None, batch_size=None, **given) -> 
     base, ck = Config(), resolve(ck_cfg)
     kw = {k: getattr(base, k) if given.get(k) is None else given[k] for k in RUN_FIELDS}
     cfg = replace(ck, dataset_path=str(path), img_size=img_size or ck.img_size, **kw)
-    return cfg, batch_size or 2 * max(ck.batch_size, ck.stage2_batch_size)
+    return cfg, batch_size or val_batch_size(ck)
 
 def _test_trained(cfg: Config) -> set[str]:
     "Names (lower-case) of the sets the checkpoint's run trained or validated on by --allow-test-training."
@@ -144,7 +145,6 @@ def evaluate(checkpoint, dataset_path, output=None, tta: bool = False,
              amp=None,
              say=print, progress=None) -> list[dict]:  # progress: tqdm's disable (None: auto)
     "Score `checkpoint` on every test set under `dataset_path`; print the table, write CSV and JSON; the rows."
-    from codseg.learner import amp_dtype as _amp
     dev = pick_device(device or Config().device)
     model, ck_cfg = load_model(checkpoint, dev)
     cfg, bs = _settings(ck_cfg, dataset_path, device=device, num_workers=num_workers, include_noncam=include_noncam,
@@ -249,7 +249,6 @@ def predict(checkpoint, input, output, masks: bool = False, overlays: bool = Fal
             skip_bad: bool = False) -> list[Path]:  # skip_bad: leave out unreadable or truncated images, and say so
     "Write probability maps (and masks, overlays) of `checkpoint` for the images `input` names; the map paths."
     from tqdm.auto import tqdm
-    from codseg.learner import amp_dtype as _amp
     files, out = image_files(input), Path(output)
     src = Path(input) if Path(input).is_dir() else Path(input).parent
     if (is_inside(out, src) if Path(input).is_dir() else out.resolve() == src.resolve()):
@@ -293,7 +292,6 @@ def prediction_grid(checkpoint, dataset_path, n: int = 6, set_name=None, tta: bo
                     img_size=None):
     "A figure of `n` images of a test set (default: the first): image, mask, map, overlay; per-image Sm and IoU."
     import matplotlib.pyplot as plt
-    from codseg.learner import amp_dtype as _amp
     dev = pick_device(device or Config().device)
     model, ck_cfg = load_model(checkpoint, dev)
     cfg, _ = _settings(ck_cfg, dataset_path, img_size=img_size, device=device)

@@ -9,10 +9,10 @@ from dataclasses import replace
 from pathlib import Path
 import numpy as np
 import torch
-from .config import Config, resolve, from_args
+from .config import Config, resolve, from_args, kaggle_input_dir
 from .cli import check_sweep, find_lr_parser
-from .errors import CHECKPOINT_FIX, one_line
-from .learner import Learner, Callback, CancelFitException, GradGuardCB, AMPCB, amp_dtype
+from .learner import Learner, Callback, CancelFitException
+from .parts import pick_precision, make_optimizer, make_loss, step_callbacks, val_batch_size
 
 # %% auto #0
 __all__ = ['sweep_lr', 'LRFinderCB', 'valley', 'steep', 'suggest_lr', 'plot_lr_find', 'find_lr', 'summary', 'lr_trial',
@@ -164,24 +164,19 @@ def _load_model(cfg: Config, say=print):
     "(model, config) of `cfg`: with `cfg.resume_from`, that checkpoint's weights and architecture."
     from codseg.model import build_model
     from codseg.config import from_dict
-    from codseg.runtime import find_resume, load_checkpoint, model_state
+    from codseg.runtime import find_resume, load_checkpoint, model_state, load_weights, check_format
     src = find_resume(cfg)
     if cfg.resume_from and src is None:
-        raise FileNotFoundError(f'--resume-from auto: no last.pth in {cfg.checkpoint_dir} or /kaggle/input')
+        raise FileNotFoundError(f'--resume-from auto: no last.pth in {cfg.checkpoint_dir} or {kaggle_input_dir()}')
     if src is None: return build_model(cfg), cfg
-    ck = load_checkpoint(src)
+    ck = check_format(load_checkpoint(src), src, say)
     if 'config' in ck:
         saved = from_dict(ck['config'], warn=lambda *a: None)
         arch = {k: getattr(saved, k) for k in ('backbone', 'num_experts', 'top_k')}
         if any(getattr(cfg, k) != v for k, v in arch.items()):
             say(f'find-lr: using the architecture of {src}: {arch}')
         cfg = replace(cfg, **arch)
-    model = build_model(replace(cfg, pretrained=False, pretrained_path=None))
-    try: model.load_state_dict(model_state(ck))
-    except (RuntimeError, KeyError) as e:  # not PyTorch's list of every missing and unexpected key
-        why = one_line(str(e))
-        raise RuntimeError(f'--resume-from {src}: its weights do not fit this codseg model ({why}); '
-                           f'{CHECKPOINT_FIX}') from None
+    model = load_weights(build_model(replace(cfg, pretrained=False, pretrained_path=None)), model_state(ck), src)
     say(f'find-lr: weights from {src}')
     return model, cfg
 
@@ -207,16 +202,12 @@ class _Restore:
 def _setup(cfg: Config, stage: int, model, device):
     "The train and validation loaders, loss, optimizer and callbacks of a `stage` run of `model` under `cfg`."
     from codseg.data import build_data, make_loader
-    from codseg.losses import CODLoss
-    from codseg.model import param_groups
     data = build_data(cfg, model.mean, model.std)
     bs = cfg.batch_size if stage == 1 else cfg.stage2_batch_size
     train_dl = make_loader(data.train_ds, bs, train=True, num_workers=cfg.num_workers, seed=cfg.seed)
-    val_dl = make_loader(data.val_ds, 2 * bs, train=False, num_workers=cfg.num_workers, seed=cfg.seed)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    dtype = amp_dtype(device, cfg.amp)
-    cbs = [GradGuardCB(cfg.grad_clip), *([AMPCB(dtype)] if dtype else [])]
-    return train_dl, val_dl, CODLoss(cfg.loss, cfg.aux_weight, cfg.balance_weight), opt, cbs
+    val_dl = make_loader(data.val_ds, val_batch_size(cfg), train=False, num_workers=cfg.num_workers, seed=cfg.seed)
+    cbs = step_callbacks(cfg, pick_precision(device, cfg.precision)[0])  # train's: clip, guard, autocast
+    return train_dl, val_dl, make_loss(cfg), make_optimizer(model, cfg), cbs
 
 def _device(cfg: Config) -> torch.device:
     "The device `cfg.device` names ('auto': CUDA when there is one)."

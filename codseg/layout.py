@@ -13,18 +13,17 @@ from functools import partial
 from pathlib import Path
 try: import fcntl  # file locks (POSIX)
 except ImportError: fcntl = None
-from .config import Config, add_args, from_args
+from .config import Config, add_args, from_args, kaggle_input_dir
 from .errors import case_match, inside_input
 from .image import DataError, FIX, MASK_KINDS, image_size, mask_kinds, size_mismatch
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'IMAGE_DIRS', 'MASK_DIRS', 'MASK_SUFFIXES', 'SPLIT_DIRS', 'SINET_TRAIN', 'SINET_TEST', 'ARCHIVE_EXTS',
            'KNOWN_SETS', 'TEST_ONLY', 'LAYOUT_HELP', 'MAX_DEPTH', 'ARCHIVE_RE', 'EXTRACT_WAIT', 'DATA_CHECK_FIELDS',
-           'is_image_file', 'layout_of', 'kaggle_input_dir', 'is_archive', 'find_roots', 'find_archives',
-           'find_dataset_root', 'Pair', 'is_noncam', 'DataSet', 'Found', 'assign_roles', 'default_extract_dir',
-           'archive_summary', 'extract', 'discover', 'split_train_val', 'dataset_root', 'discover_cfg',
-           'train_val_pairs', 'train_size', 'check_pairs', 'mask_line', 'masks_by_kind', 'check_masks', 'usable_pairs',
-           'check_json', 'data_check_cli']
+           'is_image_file', 'layout_of', 'is_archive', 'find_roots', 'find_archives', 'find_dataset_root', 'Pair',
+           'is_noncam', 'DataSet', 'Found', 'assign_roles', 'default_extract_dir', 'archive_summary', 'extract',
+           'discover', 'split_train_val', 'dataset_root', 'discover_cfg', 'train_val_pairs', 'train_size',
+           'check_pairs', 'mask_line', 'masks_by_kind', 'check_masks', 'usable_pairs', 'check_json', 'data_check_cli']
 
 # %% ../nbs/01_layout.ipynb #efb28120
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')  # image and mask file extensions
@@ -93,10 +92,6 @@ def layout_of(d: Path) -> str | None:
 
 # %% ../nbs/01_layout.ipynb #0e68d43f
 MAX_DEPTH = 10  # how deep below a folder the search for dataset roots goes
-
-def kaggle_input_dir(kaggle_input=None) -> Path:
-    "The folder Kaggle mounts datasets in: `kaggle_input`, else $CODSEG_KAGGLE_INPUT, else /kaggle/input."
-    return Path(kaggle_input or os.environ.get('CODSEG_KAGGLE_INPUT') or '/kaggle/input')
 
 def _walk(base: Path, stop=lambda d: False, max_depth=MAX_DEPTH):
     "Folders below `base` (itself included), breadth first, not entering folders where `stop(d)`."
@@ -416,7 +411,7 @@ def assign_roles(sets: dict, train_sets=None, test_sets=None, val_set=None, allo
 # %% ../nbs/01_layout.ipynb #a4c41e13
 def default_extract_dir() -> Path:
     "Where archives are extracted: /kaggle/temp/codseg-extract on Kaggle, else $CODSEG_CACHE/extract."
-    if Path('/kaggle/temp').is_dir() or Path('/kaggle/input').is_dir():
+    if Path('/kaggle/temp').is_dir() or kaggle_input_dir().is_dir():
         return Path('/kaggle/temp/codseg-extract')
     return Path(os.environ.get('CODSEG_CACHE') or Path.home()/'.cache'/'codseg')/'extract'
 

@@ -13,9 +13,8 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['DIVERGE_ADVICE', 'CancelStepException', 'CancelBatchException', 'CancelEpochException', 'CancelFitException',
-           'Callback', 'to_device', 'unwrap', 'Learner', 'LRPlanCB', 'pick_precision', 'amp_dtype', 'AMPCB',
-           'TrainingDiverged', 'GradGuardCB', 'EMACB', 'process_group', 'all_reduce_sum', 'agreed', 'MetricsCB',
-           'ProgressCB']
+           'Callback', 'to_device', 'unwrap', 'Learner', 'LRPlanCB', 'AMPCB', 'TrainingDiverged', 'GradGuardCB',
+           'EMACB', 'process_group', 'all_reduce_sum', 'agreed', 'MetricsCB', 'ProgressCB']
 
 # %% ../nbs/09_learner.ipynb #5f50ade9
 class CancelStepException(Exception): "Skip this optimizer step and drop its gradients."
@@ -165,31 +164,6 @@ class LRPlanCB(Callback):
         for g in learn.opt.param_groups: g['lr'] = lrs[g.get('kind', 'decoder')]
 
 # %% ../nbs/09_learner.ipynb #4ab8d442
-_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': None}
-
-def pick_precision(device, asked='auto'):
-    ("(autocast dtype or None, why) on `device` for `--precision asked`: bf16 only where native (capability >= "
-     "8.0).")
-    device = torch.device(device)
-    if asked not in ('auto', *_DTYPES): raise ValueError(f'--precision {asked}: choose auto, bf16, fp16 or fp32')
-    if asked == 'fp32': return None, 'fp32 (asked for: --precision fp32 or --no-amp)'
-    if device.type != 'cuda':
-        if asked == 'auto': return None, f'fp32 (auto): {device.type} has no fast mixed precision for training'
-        return _DTYPES[asked], f'{asked} (asked for) on {device.type}'
-    major, minor = torch.cuda.get_device_capability(device)
-    gpu = f'{torch.cuda.get_device_properties(device).name}, compute capability {major}.{minor}'
-    native = (major, minor) >= (8, 0)  # not torch.cuda.is_bf16_supported(): true by emulation on a T4
-    if asked == 'bf16' and not native:
-        raise ValueError(f'--precision bf16: the {gpu} has no native bf16 (it needs capability 8.0 or more): '
-                         'use --precision fp16 (or auto, which picks fp16 with a grad scaler here)')
-    if asked != 'auto': return _DTYPES[asked], f'{asked} (asked for) on the {gpu}'
-    if native: return torch.bfloat16, f'bf16 (auto): the {gpu} has native bf16'
-    return torch.float16, f'fp16 + grad scaler (auto): the {gpu} has no native bf16 (needs 8.0)'
-
-def amp_dtype(device, enabled=True):
-    "The autocast dtype `pick_precision` chooses on `device` (None when off, or fp32 on CPU)."
-    return pick_precision(device, 'auto' if enabled else 'fp32')[0]
-
 class AMPCB(Callback):
     ("Autocast the forward pass to `dtype`; for fp16 an enabled grad scaler (its state resumed from "
      "`scaler_state`).")

@@ -9,13 +9,15 @@ from functools import lru_cache
 from pathlib import Path
 import timm, torch
 import torch.nn as nn, torch.nn.functional as F
+from .config import kaggle_input_dir
 from .errors import PRETRAINED_FIX, did_you_mean
 
 # %% auto #0
-__all__ = ['GN_GROUPS', 'KAGGLE_INPUT', 'WEIGHT_EXTS', 'HUB_TIMEOUT', 'conv_gn', 'upsample_to', 'names_model', 'weight_files',
-           'find_kaggle_weights', 'hub_reachable', 'create_backbone', 'expert_views', 'phase_lines', 'dilation_canvas',
-           'CueExperts', 'Router', 'CueMoE', 'Fuse', 'Head', 'backbone_stages', 'stage_params', 'CODNet', 'build_model',
-           'set_grad_checkpointing', 'n_backbone_stages', 'unfreeze_backbone', 'freeze_backbone', 'param_groups']
+__all__ = ['GN_GROUPS', 'WEIGHT_EXTS', 'HUB_TIMEOUT', 'conv_gn', 'upsample_to', 'names_model', 'weight_files',
+           'find_kaggle_weights', 'misfit', 'hub_reachable', 'create_backbone', 'expert_views', 'phase_lines',
+           'dilation_canvas', 'CueExperts', 'Router', 'CueMoE', 'Fuse', 'Head', 'backbone_stages', 'stage_params',
+           'CODNet', 'build_model', 'set_grad_checkpointing', 'n_backbone_stages', 'unfreeze_backbone',
+           'freeze_backbone', 'param_groups']
 
 # %% ../nbs/04_model.ipynb #9c127c95
 GN_GROUPS = 8  # GroupNorm groups in the decoder
@@ -31,7 +33,6 @@ def upsample_to(x: torch.Tensor, ref) -> torch.Tensor:
     return x if x.shape[-2:] == size else F.interpolate(x, size=size, mode='bilinear', align_corners=False)
 
 # %% ../nbs/04_model.ipynb #d171a892
-KAGGLE_INPUT = '/kaggle/input'  # where Kaggle mounts datasets and models (read-only)
 WEIGHT_EXTS = ('.safetensors', '.bin', '.pth', '.pt')
 _PREFERRED = ('model.safetensors', 'pytorch_model.bin')
 
@@ -64,8 +65,8 @@ def weight_files(root, depth: int = 8) -> list:
     return out
 
 def find_kaggle_weights(name: str, root=None, say=print) -> Path:
-    "The weights file of timm model `name` in the Kaggle Models under `root` (default `KAGGLE_INPUT`); says which."
-    root = Path(root or KAGGLE_INPUT)
+    "The weights file of timm model `name` in the Kaggle Models under `root` (default `kaggle_input_dir()`); says which."
+    root = kaggle_input_dir(root)
     files = weight_files(root) if root.is_dir() else []
     hits = sorted((f for f in files if _fits(f.relative_to(root).parts[:-1], name)), key=_rank)
     if hits:
@@ -105,7 +106,7 @@ def _read_backbone_state(path: Path) -> dict:
     inner = {k[len('backbone.'):]: v for k, v in sd.items() if k.startswith('backbone.')}
     return inner or sd
 
-def _misfit(net: nn.Module, sd: dict) -> str:
+def misfit(net: nn.Module, sd: dict) -> str:
     "Why state dict `sd` does not fit `net`, in words (weights missing, of another shape, extra); '' if it fits."
     own = net.state_dict()
     miss, extra = [k for k in own if k not in sd], [k for k in sd if k not in own]
@@ -127,7 +128,7 @@ def _backbone_from_file(name: str, path: Path) -> nn.Module:
                                  pretrained_cfg_overlay=dict(file=str(path)))
     except Exception: pass  # not the hub's file of this model: a codseg backbone's state dict, or no weights of it
     net, sd = timm.create_model(name, features_only=True, pretrained=False), _read_backbone_state(path)
-    if why := _misfit(net, sd):
+    if why := misfit(net, sd):
         raise RuntimeError(f"--pretrained-path {path}: these are not weights of backbone '{name}' ({why}). Fix: "
                            f'pass the weights file of {name} itself (e.g. model.safetensors from hf.co/timm), or '
                            '--no-pretrained')

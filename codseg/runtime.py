@@ -9,14 +9,14 @@ from dataclasses import fields, replace
 from pathlib import Path
 import numpy as np
 import torch
-from .config import Config, from_dict
+from .config import Config, from_dict, kaggle_input_dir
 from .errors import CHECKPOINT_FIX, UsageError
 
 # %% auto #0
-__all__ = ['PR_SET_PDEATHSIG', 'STOP_SIGNALS', 'CHECKPOINT_FORMAT', 'RESUMES_WITH', 'SHARED_FIX', 'ARCH', 'pick_device',
-           'elastic_restart', 'end_with_parent', 'Dist', 'StopWatch', 'seed_everything', 'save_atomic', 'copy_atomic',
-           'CheckpointPair', 'RunLock', 'load_checkpoint', 'check_format', 'rng_state', 'set_rng_state', 'find_resume',
-           'shared_resume', 'check_same_arch', 'model_state', 'model_from_checkpoint']
+__all__ = ['PR_SET_PDEATHSIG', 'STOP_SIGNALS', 'CHECKPOINT_FORMAT', 'RESUMES_WITH', 'SHARED_FIX', 'ARCH', 'WEIGHTS_FIX',
+           'pick_device', 'elastic_restart', 'end_with_parent', 'Dist', 'StopWatch', 'seed_everything', 'save_atomic',
+           'copy_atomic', 'CheckpointPair', 'RunLock', 'load_checkpoint', 'check_format', 'rng_state', 'set_rng_state',
+           'find_resume', 'shared_resume', 'check_same_arch', 'model_state', 'load_weights', 'model_from_checkpoint']
 
 # %% ../nbs/09a_runtime.ipynb #2506266e
 def pick_device(device='auto',  # auto, cpu, cuda or cuda:N
@@ -340,10 +340,10 @@ def set_rng_state(s):
     torch.set_rng_state(s['torch'])
 
 # %% ../nbs/09a_runtime.ipynb #08856bc1
-def find_resume(cfg, kaggle_input='/kaggle/input'):
+def find_resume(cfg, kaggle_input=None):  # kaggle_input: default `kaggle_input_dir()`
     "The checkpoint `cfg.resume_from` names: a path, or for 'auto' the newest last.pth (None when there is none)."
     if cfg.resume_from != 'auto': return cfg.resume_from and Path(cfg.resume_from)
-    found = [p for root in (Path(cfg.checkpoint_dir), Path(kaggle_input)) if root.is_dir()
+    found = [p for root in (Path(cfg.checkpoint_dir), kaggle_input_dir(kaggle_input)) if root.is_dir()
              for p in root.rglob('last.pth') if CheckpointPair.folder not in p.parts and p.is_file()]
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
@@ -361,7 +361,7 @@ def _view(path) -> str:
 SHARED_FIX = ('put --checkpoint-dir (and any checkpoint --resume-from names) on storage every node shares, the same '
               'path on each, or run on one machine')
 
-def shared_resume(cfg, dist, kaggle_input='/kaggle/input'):
+def shared_resume(cfg, dist, kaggle_input=None):
     "The checkpoint every process resumes from: rank 0's choice, refused in one line where a process sees it otherwise."
     src = dist.from_rank0(find_resume(cfg, kaggle_input) if dist.main else None)
     dist.agree('the checkpoint to resume from', _view(src), SHARED_FIX)
@@ -384,6 +384,17 @@ def model_state(ckpt):
     return ckpt['model'] if 'model' in ckpt else ckpt
 
 # %% ../nbs/09a_runtime.ipynb #04d13502
+WEIGHTS_FIX = ('pass the --backbone and --num-experts it was trained with; if they match, an earlier codseg version '
+               'with another model wrote it: use that version')
+
+def load_weights(model, state: dict, path, flag='--resume-from'):  # flag: the option that named `path`
+    "Put weights `state` (from `path`) into `model`; weights that do not fit are one line: which, why, the fix."
+    from codseg.model import misfit
+    if why := misfit(model, state):  # not PyTorch's list of every missing and unexpected key
+        raise ValueError(f'{flag} {path}: its weights do not fit this model ({why}): {WEIGHTS_FIX}')
+    model.load_state_dict(state)
+    return model
+
 def model_from_checkpoint(path, device='cpu', ema=True, flag='--checkpoint'):  # flag: the option naming `path`
     "The model in checkpoint `path` (its EMA weights when saved and `ema`), in eval mode, and its config."
     from codseg.model import build_model
@@ -393,9 +404,5 @@ def model_from_checkpoint(path, device='cpu', ema=True, flag='--checkpoint'):  #
                          f'{CHECKPOINT_FIX}')
     cfg = from_dict(ck['config'])
     model = build_model(replace(cfg, pretrained=False, pretrained_path=None, grad_checkpointing=False))
-    state = ck['ema'] if ema and ck.get('ema') else ck['model']
-    try: model.load_state_dict(state)
-    except RuntimeError:  # not PyTorch's list of every missing and unexpected key
-        raise ValueError(f'{flag} {path}: its weights do not fit the {cfg.backbone} model its config describes; '
-                         f'{CHECKPOINT_FIX}') from None
+    load_weights(model, ck['ema'] if ema and ck.get('ema') else ck['model'], path, flag)
     return model.to(device).eval(), cfg

@@ -16,10 +16,10 @@ from .layout import usable_pairs
 from .runtime import (Dist, pick_device, seed_everything, CheckpointPair, copy_atomic, load_checkpoint,
                             rng_state, set_rng_state, find_resume, shared_resume, check_same_arch, model_state,
                             model_from_checkpoint, elastic_restart, StopWatch, STOP_SIGNALS, SHARED_FIX, RunLock,
-                            check_format, CHECKPOINT_FORMAT)
-from .learner import (Learner, Callback, CancelBatchException, CancelFitException, LRPlanCB, AMPCB,
-                            GradGuardCB, EMACB, MetricsCB, ProgressCB, TrainingDiverged, DIVERGE_ADVICE,
-                            pick_precision, agreed, all_reduce_sum, unwrap)
+                            check_format, CHECKPOINT_FORMAT, load_weights)
+from .learner import (Learner, Callback, CancelBatchException, CancelFitException, LRPlanCB, EMACB, MetricsCB,
+                            ProgressCB, TrainingDiverged, DIVERGE_ADVICE, agreed, all_reduce_sum, unwrap)
+from .parts import pick_precision, make_optimizer, make_loss, step_callbacks, val_batch_size
 from .track import (HISTORY_EXTRA, LABELS, best_row, best_so_far, epoch_tail, is_better, monitor_key,
                           track_callbacks)
 
@@ -309,7 +309,7 @@ def _data_view(data) -> str:
 
 class Run:
     "Everything a training run is made of, before the loop starts."
-    def __init__(self, cfg: Config, dist: Dist, kaggle_input='/kaggle/input', say=print):
+    def __init__(self, cfg: Config, dist: Dist, kaggle_input=None, say=print):  # default: kaggle_input_dir()
         from codseg.model import build_model
         from codseg.data import build_data
         self.cfg, self.dist, self.say = resolve(cfg), dist, say if dist.main else (lambda *a, **k: None)
@@ -335,12 +335,7 @@ class Run:
         dist.agree('the data', _data_view(self.data), 'give every node the same dataset at the same --dataset-path')
         self.plan, self.note = self._plan()
 
-    def _load_weights(self):
-        try: self.model.load_state_dict(model_state(self.ckpt))
-        except RuntimeError as e:
-            raise ValueError(f'{self.src}: its weights do not fit this model ({str(e)[:300]}...): pass the '
-                             '--backbone and --num-experts it was trained with; if they match, an earlier codseg '
-                             'version with a different model wrote it: resume it with that version') from None
+    def _load_weights(self): load_weights(self.model, model_state(self.ckpt), self.src)
 
     def _newer_best(self):
         "Take the best from a best_model.pth beside the checkpoint, written after it (a kill between the writes)."
@@ -384,8 +379,6 @@ def _in_notebook() -> bool: return 'ipykernel' in sys.modules  # a second interr
 
 def make_learner(run: Run, extra_cbs=()):
     "The `Learner` for `run`, its optimizer, state restored from the resume checkpoint."
-    from codseg.model import param_groups
-    from codseg.losses import CODLoss
     from codseg.metrics import SegMeter
     from codseg.data import make_loader
     cfg, dist, plan, ck = run.cfg, run.dist, run.plan, run.ckpt if run.full else None
@@ -394,13 +387,12 @@ def make_learner(run: Run, extra_cbs=()):
     bss = {1: cfg.batch_size, 2: cfg.stage2_batch_size}
     shared = {bs: mk(run.data.train_ds, bs, True) for bs in set(bss.values())}
     loaders = {s: shared[bs] for s, bs in bss.items()}
-    valid = mk(run.data.val_ds, 2 * max(bss.values()), False)
+    valid = mk(run.data.val_ds, val_batch_size(cfg), False)
     for dl in (*shared.values(), valid): dl.worker_init_fn = partial(quiet_worker, dl.worker_init_fn)
     model = run.model.to(dist.device)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    opt = make_optimizer(model, cfg)
     core = fast_model(model, cfg, dist.device)
-    loss_fn = CODLoss(cfg.loss, aux_weight=cfg.aux_weight, balance_weight=cfg.balance_weight,
-                      sum_over=all_reduce_sum if dist.world > 1 else None)  # DDP: the global batch's balance
+    loss_fn = make_loss(cfg, dist.world)  # under DDP the balance term is the global batch's
     state = RunState(cfg, plan, *((ck['history'], ck['best_iou'], ck['best_epoch']) if ck else ()),
                      best_score=best_so_far(ck, cfg.monitor)[0])
     out = Path(cfg.checkpoint_dir) if dist.main else None
@@ -413,8 +405,9 @@ def make_learner(run: Run, extra_cbs=()):
     dtype, last = run.precision[0], ck['history'][-1] if ck and ck['history'] else {}
     cbs = [StageCB(cfg, plan, loaders, dist),  # the stage's frozen/unfrozen backbone and loader; DDP re-wrap
            LRPlanCB(plan.lr),  # each step's LR from the plan
-           GradGuardCB(cfg.grad_clip, skipped=last.get('skipped_steps', 0),  # clip; skip non-finite steps
-                       overflows=last.get('overflow_steps', 0)),
+           # clip; skip non-finite steps; autocast and fp16's grad scaler (states resumed)
+           *step_callbacks(cfg, dtype, ck and ck.get('scaler'), last.get('skipped_steps', 0),
+                           last.get('overflow_steps', 0)),
            metrics,  # train loss, validation IoU and Dice
            ProgressCB(None if dist.main else True, say=run.say),  # a bar, or plain lines in logs
            HistoryCB(plan, out, run.say, run.data.found.test_trained()),  # the epoch line, history.csv, curves.png
@@ -422,7 +415,6 @@ def make_learner(run: Run, extra_cbs=()):
            # SIGINT/SIGTERM/SIGUSR1/SIGHUP: a resumable save, then stop
            StopSignalCB(state, pair, metrics, ema, run.say, STOP_GRACE if dist.world > 1 else None),
            *([CheckpointCB(state, pair, ema, run.say)] if pair else []),  # best_model.pth, last.pth (rank 0)
-           *([AMPCB(dtype, ck and ck.get('scaler'))] if dtype else []),  # autocast; fp16's grad scaler
            *([ema] if ema else []),  # --ema: the EMA weights, validated
            *([ChannelsLastCB()] if cfg.channels_last else []),
            SessionLimitCB(cfg.stop_after, cfg.time_limit, plan.epochs),  # --stop-after, --time-limit
@@ -439,7 +431,7 @@ def make_learner(run: Run, extra_cbs=()):
     return learn
 
 # %% ../nbs/10_train.ipynb #963dca59
-def train(cfg: Config = None, callbacks=(), kaggle_input='/kaggle/input', say=print, **overrides) -> dict:
+def train(cfg: Config = None, callbacks=(), kaggle_input=None, say=print, **overrides) -> dict:
     "Train a COD model in two stages as `cfg` (plus keyword `overrides`) says; returns a summary."
     cfg = replace(cfg or Config(), **overrides)
     dist = Dist(cfg.device)
@@ -524,7 +516,7 @@ def validate(checkpoint, device='auto', **overrides) -> dict:
     val = build_data(cfg, model.mean, model.std).val_ds
     meter = SegMeter()
     with torch.inference_mode():
-        for b in make_loader(val, 2 * max(cfg.batch_size, cfg.stage2_batch_size), train=False,
+        for b in make_loader(val, val_batch_size(cfg), train=False,
                              num_workers=cfg.num_workers, seed=cfg.seed):
             meter.update(model(b['image'].to(dev))['logits'].float(), b['mask'].to(dev))
     return meter.compute()

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from codseg.config import Config
-from codseg.learner import pick_precision
+from codseg.parts import pick_precision
 from codseg.train import train
 
 GPUS = {  # name: (compute capability, what auto picks)

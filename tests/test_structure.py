@@ -72,3 +72,27 @@ def test_evaluate_and_findlr_import_nothing_from_train():
     assert 'runtime' in g['evaluate'] and 'runtime' in g['findlr'] and 'runtime' in g['train']
     assert 'train' not in g['evaluate'] and 'train' not in g['findlr'], (g['evaluate'], g['findlr'])
     assert g['runtime'] <= {'config', 'errors', 'model'}, g['runtime']  # below the learner and the trainer
+
+
+def sources() -> dict[str, str]:
+    return {m: (PKG/f'{m}.py').read_text() for m in MODULES}
+
+
+def test_one_kaggle_input_root():
+    "The Kaggle input folder is written in one place (config.kaggle_input_dir, which $CODSEG_KAGGLE_INPUT redirects)."
+    homes = [m for m, s in sources().items() if "'/kaggle/input'" in s or '"/kaggle/input"' in s]
+    assert homes == ['config'], homes
+
+
+def test_one_weight_loader_and_one_run_assembly():
+    "Checkpoint weights go into a model through runtime.load_weights alone; train and find-lr build their optimizer,"
+    " loss, precision and step callbacks from codseg.parts; the learner decides no precision."
+    src = sources()
+    assert [m for m, s in src.items() if 'weights do not fit' in s] == ['runtime']
+    assert [m for m, s in src.items() if 'model_state(' in s and '.load_state_dict(model_state' in s] == []
+    for m in ('train', 'findlr'):
+        assert 'parts' in imported(PKG/f'{m}.py') and 'AdamW(' not in src[m] and 'CODLoss(' not in src[m], m
+    assert 'def pick_precision' in src['parts'] and 'pick_precision' not in src['learner']
+    assert [m for m, s in src.items() if '2 * max(' in s] == ['parts']  # the validation batch size rule
+    g = graph()
+    assert 'parts' not in g['learner'] and 'train' not in g['parts'] and 'findlr' not in g['parts']

@@ -173,7 +173,7 @@ def test_pretrained_path_auto_finds_kaggle_model_weights(tmp_path, monkeypatch, 
         torch.save(ref.state_dict(), models/'edgenext_xx_small.in1k'/v/'pytorch_model.bin')
     (models/'edgenext_small'/'1').mkdir(parents=True)  # another model's weights
     torch.save(timm.create_model('edgenext_small').state_dict(), models/'edgenext_small'/'1'/'pytorch_model.bin')
-    monkeypatch.setattr(M, 'KAGGLE_INPUT', str(tmp_path/'input'))
+    monkeypatch.setenv('CODSEG_KAGGLE_INPUT', str(tmp_path/'input'))
     model = M.build_model(Config(backbone='edgenext_xx_small', num_experts=3, pretrained_path='auto'))
     said = capsys.readouterr().out
     assert "weights of 'edgenext_xx_small' from" in said and '/2/pytorch_model.bin' in said
@@ -184,7 +184,7 @@ def test_pretrained_path_auto_finds_kaggle_model_weights(tmp_path, monkeypatch, 
     r = train(Config(**{**TINY, 'pretrained': True, 'pretrained_path': 'auto', 'epochs': 1, 'stage1_epochs': 1},
                      checkpoint_dir=str(tmp_path/'ck')), **QUIET)
     assert len(r['history']) == 1 and "weights of 'edgenext_xx_small'" in capsys.readouterr().out
-    monkeypatch.setattr(M, 'KAGGLE_INPUT', str(tmp_path/'empty'))
+    monkeypatch.setenv('CODSEG_KAGGLE_INPUT', str(tmp_path/'empty'))
     with pytest.raises(FileNotFoundError, match='looked for'):
         M.build_model(Config(backbone='edgenext_xx_small', num_experts=3, pretrained_path='auto'))
 
