@@ -1,7 +1,7 @@
 """Launch from anywhere (issue 23.7): `python -m codseg` and `torchrun -m codseg` from the folder holding a clone named
 codseg, whose root (no __init__.py) Python finds first, as an empty namespace package. The clone is installed with
-`pip install -e` into a virtual environment (system site-packages for torch and the rest; nothing downloaded), once
-as setup.py says ('pth': the project folder on sys.path) and once with setuptools' import hook (setup.py without its
+`pip install -e` into a virtual environment (this environment's site-packages for torch and the rest, nothing
+downloaded), once as setup.py says ('pth': the project folder on sys.path) and once with setuptools' import hook (setup.py without its
 package_dir line, as before the fix: the hook comes after the namespace folder)."""
 import configparser, os, shutil, signal, socket, subprocess, sys
 from pathlib import Path
@@ -50,9 +50,14 @@ def clone(request, tmp_path_factory):
     env.update(OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', CODSEG_CACHE=str(tmp/'cache'), PIP_NO_INDEX='1',
                GLOO_SOCKET_IFNAME='lo', MASTER_ADDR='127.0.0.1')
     venv = tmp/'venv'
-    r = run([sys.executable, '-m', 'venv', '--system-site-packages', '--without-pip', venv], tmp, env, 120)
+    r = run([sys.executable, '-m', 'venv', '--without-pip', venv], tmp, env, 120)
     assert r.returncode == 0, r.stderr
     py = venv/'bin'/'python'
+    # torch and the rest from this environment's site-packages, as plain path entries: their .pth files (another
+    # codseg's editable install among them) are not run, so only the clone's own install decides what codseg is
+    r = run([py, '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'], tmp, env, 60)
+    outer = [p for p in sys.path if p.endswith('site-packages') and Path(p).is_dir()]
+    (Path(r.stdout.strip())/'outer-site-packages.pth').write_text('\n'.join(outer) + '\n')
     r = run([py, '-m', 'pip', 'install', '-q', '--no-deps', '--no-build-isolation', '-e', repo], tmp, env, 300)
     if r.returncode: pytest.skip(f'pip install -e did not run here: {r.stderr[-500:]}')
     return py, repo.parent, env, request.param
