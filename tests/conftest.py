@@ -1,5 +1,6 @@
 "Fixtures the end-to-end tests share: a private synthetic-data cache with one torch thread, and a tiny checkpoint."
-import os
+import hashlib, os
+from pathlib import Path
 import pytest, torch
 
 TINY = dict(synthetic_n=48, synthetic_size=64, img_size=64, backbone='edgenext_xx_small', pretrained=False, num_experts=3,
@@ -26,3 +27,11 @@ def ckpt(tmp_path_factory, private_cache):
     train(Config(dataset_path='synthetic', epochs=2, stage1_epochs=1, lr=2e-3, checkpoint_dir=str(d), **TINY),
           say=lambda *a: None)
     return d/'best_model.pth'
+
+
+def tree_hash(root) -> str:
+    "sha256 over the relative paths and bytes of every file under `root`: whether a folder changed at all."
+    h = hashlib.sha256()
+    for p in sorted(Path(root).rglob('*')):
+        if p.is_file(): h.update(str(p.relative_to(root)).encode()); h.update(p.read_bytes())
+    return h.hexdigest()

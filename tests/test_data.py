@@ -3,17 +3,10 @@ import hashlib, os, re, shutil, subprocess, sys
 from pathlib import Path
 import numpy as np, cv2, pytest
 from codseg.cli import main
+from conftest import tree_hash
 
 SHARED = Path(__file__).resolve().parents[2]/'shared'
 CAMO = SHARED/'fixtures'/'CAMO-sample'
-
-
-def tree_hash(root: Path) -> str:
-    "sha256 over the relative paths and bytes of every file under `root`."
-    h = hashlib.sha256()
-    for p in sorted(root.rglob('*')):
-        if p.is_file(): h.update(str(p.relative_to(root)).encode()); h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def run(*args, env=None):

@@ -6,6 +6,7 @@ import py_sod_metrics as M
 
 CAMO = Path(__file__).resolve().parents[2]/'shared'/'fixtures'/'CAMO-sample'
 from conftest import TINY  # the shared tiny settings
+from conftest import tree_hash
 
 def codseg(*args):
     "Run `python -m codseg ARGS` (one intra-op thread); returns stdout, failing with its output when the exit status is not 0."
@@ -25,13 +26,6 @@ def put_pair(img_dir, mask_dir, name, h, w, seed, empty=False):
     for d in (img_dir, mask_dir): d.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(img_dir/f'{name}.jpg'), img)
     cv2.imwrite(str(mask_dir/f'{name}.png'), np.zeros((h, w), np.uint8) if empty else m.astype(np.uint8) * 255)
-
-def tree_state(root):
-    "sha256 of every file's path, size and bytes under `root`."
-    h = hashlib.sha256()
-    for p in sorted(Path(root).rglob('*')):
-        if p.is_file(): h.update(str(p.relative_to(root)).encode()); h.update(p.read_bytes())
-    return h.hexdigest()
 
 def by_hand(maps: Path, gts: Path) -> dict:
     "The protocol applied by hand: PySODMetrics on the saved PNGs and the masks as read from disk; IoU/Dice at 0.5."
@@ -61,7 +55,7 @@ def test_evaluate_equals_pysodmetrics_by_hand(ckpt, tmp_path):
     for i, (h, w) in enumerate(sizes):
         put_pair(pack/'TestDataset'/'SETA'/'Imgs', pack/'TestDataset'/'SETA'/'GT', f'a{i}', h, w, i)
         put_pair(pack/'TestDataset'/'SETB'/'Imgs', pack/'TestDataset'/'SETB'/'GT', f'b{i}', w, h, 10 + i, empty=i == 3)
-    before = tree_state(pack)
+    before = tree_hash(pack)
     out = codseg('evaluate', '--checkpoint', ckpt, '--dataset-path', pack, '--save-predictions', tmp_path/'maps',
                  '--output', tmp_path/'out', '--num-workers', 0, '--device', 'cpu')
     assert 'SETA' in out and 'SETB' in out and 'eval_best_model.csv' in out
@@ -71,18 +65,18 @@ def test_evaluate_equals_pysodmetrics_by_hand(ckpt, tmp_path):
     with open(tmp_path/'out'/'eval_best_model.csv') as f: table = list(csv.DictReader(f))
     for r, c in zip(rows, table):
         assert c['dataset'] == r['dataset'] and all(abs(float(c[k]) - r[k]) <= 1e-12 for k in ('Sm', 'MAE', 'maxEm', 'Dice'))
-    assert tree_state(pack) == before, 'evaluate wrote into the dataset folder'
+    assert tree_hash(pack) == before, 'evaluate wrote into the dataset folder'
 
 def test_evaluate_camo_fixture(ckpt, tmp_path):
     "The real CAMO sample (JPEGs of 632x420 .. 589x617): maps at each mask's size, numbers equal PySODMetrics by hand."
     if not CAMO.is_dir(): pytest.skip('the shared CAMO fixture is not here')
     from codseg.evaluate import evaluate
-    before = tree_state(CAMO)
+    before = tree_hash(CAMO)
     rows = evaluate(ckpt, CAMO, output=tmp_path, save_predictions=tmp_path/'maps', device='cpu', num_workers=0, say=lambda *a: None)
     assert [r['dataset'] for r in rows] == ['CAMO']
     assert_same(rows[0], by_hand(tmp_path/'maps', CAMO/'GT'))
     assert cv2.imread(str(tmp_path/'maps'/'camourflage_00064.png'), cv2.IMREAD_UNCHANGED).shape == (617, 589)
-    assert tree_state(CAMO) == before
+    assert tree_hash(CAMO) == before
 
 def test_evaluate_noncam_tta_and_defaults(ckpt, tmp_path):
     "COD10K NonCAM images are left out unless --include-noncam; --tta writes its own file; default output beside the checkpoint."
@@ -142,7 +136,7 @@ def test_predict_keeps_each_images_size(ckpt, tmp_path):
     for n, (h, w) in sizes.items(): cv2.imwrite(str(ins/f"{n}{'.JPG' if n == 'UPPER' else '.png'}"), rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
     if CAMO.is_dir():
         for f in (CAMO/'Images'/'Test').iterdir(): (ins/f.name).write_bytes(f.read_bytes()); sizes[f.stem] = cv2.imread(str(f)).shape[:2]
-    before = tree_state(ins)
+    before = tree_hash(ins)
     assert main(['predict', '--checkpoint', str(ckpt), '--input', str(ins), '--output', str(tmp_path/'out'), '--masks', '--overlays',
                  '--device', 'cpu', '--num-workers', '0']) == 0
     assert sorted(p.stem for p in (tmp_path/'out').glob('*.png')) == sorted(sizes)
@@ -152,7 +146,7 @@ def test_predict_keeps_each_images_size(ckpt, tmp_path):
         assert hw == (1, 1) or len(np.unique(a)) > 1, f'{n}: a constant map'  # uint8: 0-255 by type
         assert set(np.unique(cv2.imread(str(tmp_path/'out'/'masks'/f'{n}.png'), cv2.IMREAD_UNCHANGED))) <= {0, 255}
         assert cv2.imread(str(tmp_path/'out'/'overlays'/f'{n}.jpg')).shape[:2] == hw
-    assert tree_state(ins) == before
+    assert tree_hash(ins) == before
     assert main(['predict', '--checkpoint', str(ckpt), '--input', str(ins), '--output', str(ins/'maps')]) == 2
     assert main(['predict', '--checkpoint', str(ckpt), '--input', str(ins/'odd.png'), '--output', str(tmp_path/'one'),
                  '--device', 'cpu', '--num-workers', '0']) == 0
