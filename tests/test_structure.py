@@ -1,5 +1,5 @@
 "The package's layering: no import cycle between codseg's modules, function-level imports included."
-import ast, subprocess, sys
+import ast, re, subprocess, sys
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1]/'codseg'
@@ -72,3 +72,26 @@ def test_evaluate_and_findlr_import_nothing_from_train():
     assert 'runtime' in g['evaluate'] and 'runtime' in g['findlr'] and 'runtime' in g['train']
     assert 'train' not in g['evaluate'] and 'train' not in g['findlr'], (g['evaluate'], g['findlr'])
     assert g['runtime'] <= {'config', 'errors', 'model'}, g['runtime']  # below the learner and the trainer
+
+
+def str_constants(path: Path):
+    "Every string constant in module file `path` (f-strings' literal parts included), with its line."
+    return [(n.lineno, n.value) for n in ast.walk(ast.parse(path.read_text()))
+            if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+
+
+def test_registries_own_their_names():
+    ("The config, the floor argparse reads the choices from, imports no registry; no code types two names of a "
+     "registry into one string (a message builds its list from the names); `make_loggers` names no logger.")
+    import typing
+    from codseg.config import LOGGERS, Loss, Monitor, Scheduler
+    assert not graph()['config'] & {'schedule', 'losses', 'track'}, graph()['config']
+    names = [typing.get_args(Scheduler), typing.get_args(Loss), typing.get_args(Monitor), LOGGERS]
+    typed = [(p.name, line, s) for p in sorted(PKG.glob('*.py')) if p.name != '_modidx.py'
+             for line, s in str_constants(p)
+             for ns in names if sum(bool(re.search(rf'\b{n}\b', s)) for n in ns) >= 2]
+    assert typed == [], f'choices typed out (build them from the registry or config names): {typed}'
+    fn = next(n for n in ast.walk(ast.parse((PKG/'track.py').read_text()))
+              if isinstance(n, ast.FunctionDef) and n.name == 'make_loggers')
+    said = {n.value for n in ast.walk(fn) if isinstance(n, ast.Constant)} & set(LOGGERS)
+    assert not said, f'make_loggers special-cases {said}: open them from LOGGER_TYPES'
