@@ -6,7 +6,7 @@
 from __future__ import annotations
 import argparse, errno, importlib, os, re, sys, traceback
 from pathlib import Path
-from .config import Config, add_args, from_args, parse_loggers, DATA, MODEL, PLAN, TRAIN
+from .config import Config, add_args, from_args, parse_loggers, DATA, LOGGERS, MODEL, PLAN, TRAIN
 from .errors import (CHECKPOINT_FIX, DATASET_REQUIRED, LOGGER_PACKAGES, NO_INPUT, PRETRAINED_FIX, WRITE_FIX,
                            UsageError, describe, did_you_mean, inside_input, is_inside, logger_missing, one_line,
                            report)
@@ -101,7 +101,7 @@ RANGES = {  # field: (test, what it must be)
     'batch_size': (lambda v: v >= 1, 'at least 1'),
     'device': (lambda v: re.fullmatch(r'auto|cpu|mps|cuda(:\d+)?', v), 'auto, cpu, cuda or cuda:N'),
     'panel_every': (lambda v: v >= 0, '0 (the first, each new best and the last epoch) or more'),
-    'logger': (lambda v: _loggers_ok(v), 'a comma list of csv, tensorboard, wandb'),
+    'logger': (lambda v: _loggers_ok(v), f"a comma list of {', '.join(LOGGERS)}"),
 }
 
 def _loggers_ok(v) -> bool:

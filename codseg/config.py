@@ -15,9 +15,9 @@ __all__ = ['Scheduler', 'Loss', 'Monitor', 'Precision', 'DATA', 'MODEL', 'PLAN',
            'from_dict', 'save_config']
 
 # %% ../nbs/00_config.ipynb #668c46e8
-Scheduler = Literal['onecycle', 'cosine', 'cosine_restart', 'none']
-Loss = Literal['structure', 'dice', 'bce']
-Monitor = Literal['iou', 'smeasure', 'mae', 'wfmeasure']
+Scheduler = Literal['onecycle', 'cosine', 'cosine_restart', 'none']  # = schedule.CURVES's names, tested equal there
+Loss = Literal['structure', 'dice', 'bce']  # = losses.LOSSES's names, tested equal there
+Monitor = Literal['iou', 'smeasure', 'mae', 'wfmeasure']  # = track.MONITORS's names, tested equal there
 Precision = Literal['auto', 'bf16', 'fp16', 'fp32']
 
 @dataclass
@@ -122,7 +122,7 @@ PLAN = ('epochs', 'stage1_epochs', 'batch_size', 'stage2_batch_size', 'accumulat
         'scheduler', 'stage1_scheduler', 'min_lr', 'warmup_epochs', 't0', 't_mult', 'pct_start',
         'backbone_lr_mult', 'skip_stage1')
 TRACK = ('logger', 'panel_every', 'monitor')
-LOGGERS = ('csv', 'tensorboard', 'wandb')  # the names --logger takes
+LOGGERS = ('csv', 'tensorboard', 'wandb')  # the names --logger takes: track.LOGGER_TYPES's names, tested equal there
 
 def parse_loggers(spec: str) -> tuple:
     "The logger names in comma list `spec` (--logger), checked."

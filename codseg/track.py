@@ -6,16 +6,17 @@
 from __future__ import annotations
 import math, os, shutil, threading
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 import numpy as np, torch
 from .config import LOGGERS, parse_loggers
 from .errors import logger_missing
 from .learner import Callback, all_reduce_sum, unwrap
 
 # %% auto #0
-__all__ = ['MONITORS', 'FIELD', 'LABELS', 'HISTORY_EXTRA', 'EPOCH_TAGS', 'PANEL_N', 'monitor_key', 'is_better', 'best_so_far',
-           'best_row', 'epoch_tail', 'FieldMeter', 'FieldMetricsCB', 'TBLogger', 'wandb_key', 'WandbLogger',
-           'adopt_logs', 'make_loggers', 'figure_array', 'plan_figure', 'TrackCB', 'panel_indices', 'outlines',
-           'panel_figure', 'PanelCB', 'track_callbacks', 'LiveView']
+__all__ = ['MONITORS', 'FIELD', 'LABELS', 'HISTORY_EXTRA', 'LOGGER_TYPES', 'EPOCH_TAGS', 'PANEL_N', 'monitor_key', 'is_better',
+           'best_so_far', 'best_row', 'epoch_tail', 'FieldMeter', 'FieldMetricsCB', 'Logger', 'TBLogger', 'wandb_key',
+           'WandbLogger', 'adopt_logs', 'make_loggers', 'figure_array', 'plan_figure', 'TrackCB', 'panel_indices',
+           'outlines', 'panel_figure', 'PanelCB', 'track_callbacks', 'LiveView']
 
 # %% ../nbs/14_track.ipynb #39564ec1
 # history key, better
@@ -94,15 +95,37 @@ class FieldMetricsCB(Callback):
         self.meter.sums = all_reduce_sum(self.meter.sums)
         learn.metrics.update(self.meter.compute())
 
+# %% ../nbs/14_track.ipynb #70cae1d4
+@runtime_checkable
+class Logger(Protocol):
+    "What `TrackCB` calls on each logger `--logger` names; `step` is the global optimizer step."
+    def scalars(self, d: dict, step: int):
+        "Log each number of `d` (tag: value) at `step`."
+    def image(self, tag: str, img: np.ndarray, step: int):
+        "Log RGB uint8 image `img` (H, W, 3) as `tag` at `step`."
+    def text(self, tag: str, s: str, step: int):
+        "Log markdown text `s` as `tag` at `step`."
+    def flush(self):
+        "Write out what is buffered (at the end of each epoch)."
+    def close(self):
+        "Finish the logger (once, when the fit ends, however it ends)."
+    def state(self) -> dict:
+        "What the checkpoint keeps (its `track`) so that a resumed run continues this logger."
+
 # %% ../nbs/14_track.ipynb #754c002f
 class TBLogger:
     ("TensorBoard event files in `folder` (torch.utils.tensorboard); `purge_step` hides earlier sessions' events "
      "from there on.")
+    package = 'tensorboard'  # what it needs (errors.LOGGER_PACKAGES says how to install it)
     def __init__(self, folder, purge_step=None):
         try: from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
             raise ValueError(logger_missing('tensorboard', str(e))) from None
         self.w = SummaryWriter(str(folder), purge_step=purge_step)
+    @classmethod
+    def open(cls, out_dir, config: dict, saved: dict, resumed_at=None, say=print):
+        "The run's event files in `out_dir`/tensorboard; a resumed run's hide the events from `resumed_at` on."
+        return cls(Path(out_dir)/'tensorboard', purge_step=resumed_at)
     def scalars(self, d: dict, step: int):
         for k, v in d.items(): self.w.add_scalar(k, v, step)
     def image(self, tag, img, step): self.w.add_image(tag, img, step, dataformats='HWC')
@@ -122,6 +145,7 @@ def wandb_key(name: str = 'WANDB_API_KEY'):
 
 class WandbLogger:
     "A W&B run (resumed when `run_id` is given), offline when `WANDB_MODE=offline` or no API key is found."
+    package = 'wandb'  # what it needs (errors.LOGGER_PACKAGES says how to install it)
     def __init__(self, folder, config: dict, run_id=None, say=print):
         try: import wandb
         except ImportError:
@@ -137,6 +161,10 @@ class WandbLogger:
                               dir=os.environ.get('WANDB_DIR') or str(folder),
                               config=config, mode=mode, reinit=True)
         say(f'W&B: run {self.run.id} ({"resumed" if run_id else "new"}, {mode or "online"})')
+    @classmethod
+    def open(cls, out_dir, config: dict, saved: dict, resumed_at=None, say=print):
+        "The run's W&B run in `out_dir`, continuing the one a resumed run's `saved` state names."
+        return cls(out_dir, config, saved.get('wandb_id'), say)
     def scalars(self, d: dict, step: int): self.run.log(dict(d), step=step)
     def image(self, tag, img, step): self.run.log({tag: self.wandb.Image(img)}, step=step)
     def text(self, tag, s, step): self.run.summary[tag] = s
@@ -156,6 +184,12 @@ def adopt_logs(src_dir, out_dir, names=('tensorboard', 'predictions')):
             done.append(n)
     return done
 
+LOGGER_TYPES = {  # --logger name: its Logger class, with `package` and `open` (config.LOGGERS: the same names)
+    'csv': None,  # history.csv and curves.png, which every run writes: nothing to open
+    'tensorboard': TBLogger,
+    'wandb': WandbLogger,
+}
+
 def make_loggers(names, out_dir, config: dict, resume: dict | None = None, step: int = 0,
                  src_dir=None, say=print) -> list:
     ("The loggers `names` (from `parse_loggers`) writing under `out_dir`; `resume` is the checkpoint a run "
@@ -164,12 +198,8 @@ def make_loggers(names, out_dir, config: dict, resume: dict | None = None, step:
     if resume is not None and src_dir is not None:
         if copied := adopt_logs(src_dir, out):
             say(f"copied {', '.join(copied)} from {src_dir}, so this session extends them")
-    saved = (resume or {}).get('track') or {}
-    loggers = []
-    if 'tensorboard' in names:
-        loggers.append(TBLogger(out/'tensorboard', purge_step=step if resume is not None else None))
-    if 'wandb' in names: loggers.append(WandbLogger(out, config, saved.get('wandb_id'), say))
-    return loggers
+    saved, at = (resume or {}).get('track') or {}, step if resume is not None else None
+    return [cls.open(out, config, saved, at, say) for n, cls in LOGGER_TYPES.items() if cls and n in names]
 
 # %% ../nbs/14_track.ipynb #3f95a5cd
 def figure_array(fig) -> np.ndarray:

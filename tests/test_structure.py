@@ -1,5 +1,5 @@
 "The package's layering: no import cycle between codseg's modules, function-level imports included."
-import ast, subprocess, sys
+import ast, re, subprocess, sys
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1]/'codseg'
@@ -96,3 +96,26 @@ def test_one_weight_loader_and_one_run_assembly():
     assert [m for m, s in src.items() if '2 * max(' in s] == ['parts']  # the validation batch size rule
     g = graph()
     assert 'parts' not in g['learner'] and 'train' not in g['parts'] and 'findlr' not in g['parts']
+
+
+def str_constants(path: Path):
+    "Every string constant in module file `path` (f-strings' literal parts included), with its line."
+    return [(n.lineno, n.value) for n in ast.walk(ast.parse(path.read_text()))
+            if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+
+
+def test_registries_own_their_names():
+    ("The config, the floor argparse reads the choices from, imports no registry; no code types two names of a "
+     "registry into one string (a message builds its list from the names); `make_loggers` names no logger.")
+    import typing
+    from codseg.config import LOGGERS, Loss, Monitor, Scheduler
+    assert not graph()['config'] & {'schedule', 'losses', 'track'}, graph()['config']
+    names = [typing.get_args(Scheduler), typing.get_args(Loss), typing.get_args(Monitor), LOGGERS]
+    typed = [(p.name, line, s) for p in sorted(PKG.glob('*.py')) if p.name != '_modidx.py'
+             for line, s in str_constants(p)
+             for ns in names if sum(bool(re.search(rf'\b{n}\b', s)) for n in ns) >= 2]
+    assert typed == [], f'choices typed out (build them from the registry or config names): {typed}'
+    fn = next(n for n in ast.walk(ast.parse((PKG/'track.py').read_text()))
+              if isinstance(n, ast.FunctionDef) and n.name == 'make_loggers')
+    said = {n.value for n in ast.walk(fn) if isinstance(n, ast.Constant)} & set(LOGGERS)
+    assert not said, f'make_loggers special-cases {said}: open them from LOGGER_TYPES'
