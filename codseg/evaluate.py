@@ -195,11 +195,11 @@ def write_results(rows: list[dict], meta: dict, csv_path: Path, json_path: Path)
     return f'results written to {csv_path} and {json_path.name}{again}'
 
 # %% ../nbs/11_evaluate.ipynb #38b12316
-from .cli import evaluate_parser  # the parser lives in the light codseg.cli: `--help` imports no torch
+from .flags import evaluate_parser, parsed  # the parser lives in the light codseg.flags: `--help` imports no torch
 
 def evaluate_cli(argv=None) -> int:
     "Run `codseg evaluate` with flags `argv`; errors reach `codseg.cli.main` (one line and the exit status)."
-    ns = evaluate_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    ns = parsed(argv, evaluate_parser)
     evaluate(ns.checkpoint, ns.dataset_path, ns.output, ns.tta, ns.save_predictions, ns.device, ns.batch_size,
              ns.num_workers, ns.img_size, ns.include_noncam, ns.skip_bad, ns.amp)
     return 0
@@ -278,11 +278,11 @@ def predict(checkpoint, input, output, masks: bool = False, overlays: bool = Fal
     return written
 
 # %% ../nbs/11_evaluate.ipynb #aa111e24
-from .cli import predict_parser
+from .flags import parsed, predict_parser
 
 def predict_cli(argv=None) -> int:
     "Run `codseg predict` with flags `argv`; errors reach `codseg.cli.main` (one line and the exit status)."
-    ns = predict_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    ns = parsed(argv, predict_parser)
     predict(ns.checkpoint, ns.input, ns.output, ns.masks, ns.overlays, ns.tta, ns.device, ns.batch_size,
             ns.num_workers, ns.img_size, ns.amp, skip_bad=ns.skip_bad)
     return 0

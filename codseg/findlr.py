@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from .config import Config, resolve, from_args, kaggle_input_dir
-from .cli import check_sweep, find_lr_parser
+from .flags import check_sweep, find_lr_parser, parsed
 from .learner import Learner, Callback, CancelFitException
 from .parts import pick_precision, make_optimizer, make_loss, step_callbacks, val_batch_size
 
@@ -293,7 +293,7 @@ class _StopAfter(Callback):
 # %% ../nbs/12_findlr.ipynb #65f98f5f
 def find_lr_cli(argv=None) -> int:
     "Run `codseg find-lr` with flags `argv`: 0 with a suggestion, 1 without; errors reach `codseg.cli.main`."
-    ns = find_lr_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    ns = parsed(argv, find_lr_parser)
     cfg = from_args(ns)
     png = Path(ns.png) if ns.png else Path(cfg.checkpoint_dir)/f'find_lr_stage{ns.stage}.png'
     png.parent.mkdir(parents=True, exist_ok=True)

@@ -19,11 +19,11 @@ from .image import DataError, FIX, MASK_KINDS, image_size, mask_kinds, size_mism
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'IMAGE_DIRS', 'MASK_DIRS', 'MASK_SUFFIXES', 'SPLIT_DIRS', 'SINET_TRAIN', 'SINET_TEST', 'ARCHIVE_EXTS',
-           'KNOWN_SETS', 'TEST_ONLY', 'LAYOUT_HELP', 'MAX_DEPTH', 'ARCHIVE_RE', 'EXTRACT_WAIT', 'DATA_CHECK_FIELDS',
-           'is_image_file', 'layout_of', 'is_archive', 'find_roots', 'find_archives', 'find_dataset_root', 'Pair',
-           'is_noncam', 'DataSet', 'Found', 'assign_roles', 'default_extract_dir', 'archive_summary', 'extract',
-           'discover', 'split_train_val', 'dataset_root', 'discover_cfg', 'train_val_pairs', 'train_size',
-           'check_pairs', 'mask_line', 'masks_by_kind', 'check_masks', 'usable_pairs', 'check_json', 'data_check_cli']
+           'KNOWN_SETS', 'TEST_ONLY', 'LAYOUT_HELP', 'MAX_DEPTH', 'ARCHIVE_RE', 'EXTRACT_WAIT', 'is_image_file',
+           'layout_of', 'is_archive', 'find_roots', 'find_archives', 'find_dataset_root', 'Pair', 'is_noncam',
+           'DataSet', 'Found', 'assign_roles', 'default_extract_dir', 'archive_summary', 'extract', 'discover',
+           'split_train_val', 'dataset_root', 'discover_cfg', 'train_val_pairs', 'train_size', 'check_pairs',
+           'mask_line', 'masks_by_kind', 'check_masks', 'usable_pairs', 'check_json', 'data_check_cli']
 
 # %% ../nbs/01_layout.ipynb #efb28120
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')  # image and mask file extensions
@@ -854,22 +854,11 @@ def _bad_file(msg: str) -> str:
     return m[1] if m else ''
 
 # %% ../nbs/01_layout.ipynb #4e997abc
-DATA_CHECK_FIELDS = ('dataset_path', 'val_path', 'val_fraction', 'include_noncam', 'skip_bad', 'seed',
-                     'synthetic_n',
-                     'synthetic_size', 'train_sets', 'test_sets', 'allow_test_training', 'allow_empty_masks',
-                     'extract_dir')
+from .flags import data_check_parser, parsed  # its flags (DATA_CHECK_FIELDS) live in the light codseg.flags
 
 def data_check_cli(argv=None) -> int:
     "`codseg data-check --dataset-path P`: print what the dataset holds, without training."
-    p = argparse.ArgumentParser(prog='codseg data-check', description='Show what a dataset path holds: layout, '
-                                'counts '
-                                'per split and test set, each set\'s role and why, CAM/NonCAM, the validation '
-                                'split, and problems; trains nothing.')
-    add_args(p, DATA_CHECK_FIELDS)
-    p.add_argument('--decode', action='store_true',
-                   help='decode every image and mask (slower) instead of reading headers and ends')
-    p.add_argument('--json', action='store_true', help='print one JSON object instead of the report')
-    ns = p.parse_args(sys.argv[1:] if argv is None else argv)
+    ns = parsed(argv, data_check_parser)
     try: return _report(from_args(ns), ns.decode, print, ns.json)
     except DataError as e:
         if ns.json: print(json.dumps({'error': str(e), 'problems': [str(e)]}))

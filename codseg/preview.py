@@ -4,18 +4,19 @@
 
 # %% ../nbs/08_preview.ipynb #9898230a
 from __future__ import annotations
-import argparse, sys, typing
+import sys, typing
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from .errors import report
-from .config import Config, add_args, from_args
-from .schedule import (CURVES, Plan, PlanError, Row, cycle_starts, fmt_lr, key_steps, make_plan,
+from .config import Config, from_args
+from .flags import CSV_COLUMNS, lr_preview_parser, parsed
+from .schedule import (CURVES, Plan, PlanError, cycle_starts, fmt_lr, key_steps, make_plan,
                              resume_plan)
 
 # %% auto #0
-__all__ = ['CSV_COLUMNS', 'WIDGET_FIELDS', 'train_count', 'write_csv', 'plot_plan', 'read_resume', 'preview_plan',
-           'lr_preview_cli', 'save_png', 'guide_commands', 'lr_widget']
+__all__ = ['WIDGET_FIELDS', 'train_count', 'write_csv', 'plot_plan', 'read_resume', 'preview_plan', 'lr_preview_cli', 'save_png',
+           'guide_commands', 'lr_widget']
 
 # %% ../nbs/08_preview.ipynb #a5069718
 def train_count(cfg: Config, train_size: int | None) -> int:
@@ -28,8 +29,6 @@ def train_count(cfg: Config, train_size: int | None) -> int:
     return count(cfg)
 
 # %% ../nbs/08_preview.ipynb #3a27413b
-CSV_COLUMNS = ','.join(Row._fields)
-
 def write_csv(plan: Plan, path) -> Path:
     "Write one row per optimizer step of `plan` to `path` (columns CSV_COLUMNS)."
     path = Path(path)
@@ -96,24 +95,6 @@ def _marks(plan: Plan, ax):
         ax.axvline(plan.origin, color='tab:red', ls='-.', lw=1.4, label=f're-plan (Epoch {plan.origin + 1})')
 
 # %% ../nbs/08_preview.ipynb #74a874a1
-def _parser() -> argparse.ArgumentParser:
-    "The lr-preview flags: every train flag, plus the preview's own."
-    what = ('Print, plot and export the LR plan of a `codseg train` command (same flags); loads no model and '
-            'no images.')
-    p = argparse.ArgumentParser(prog='codseg lr-preview', description=what)
-    add_args(p)
-    g = p.add_argument_group('preview')
-    g.add_argument('--train-size', type=int, metavar='N',
-                   help='training items (COD10K camouflaged train: 3040); '
-                   'default: counted under --dataset-path')
-    g.add_argument('--world-size', type=int, default=1, metavar='W', help='processes under DDP (default: 1)')
-    g.add_argument('--resume-epoch', type=int, metavar='E',
-                   help='show the re-plan of a resume from a checkpoint that finished E epochs, with these '
-                   '(changed) settings')
-    g.add_argument('--png', metavar='FILE', help='write a plot of both groups over epochs')
-    g.add_argument('--csv', metavar='FILE', help=f'write one row per optimizer step: {CSV_COLUMNS}')
-    return p
-
 def read_resume(path) -> tuple | None:
     "(saved plan dict or None, epoch, global step) of checkpoint `path`; None when there is no such file."
     if not path or not Path(path).is_file(): return None
@@ -152,7 +133,7 @@ def preview_plan(cfg: Config, n_train: int, world_size: int,
 
 def lr_preview_cli(argv=None) -> int:
     "`codseg lr-preview`: print the plan; --png and --csv write it."
-    a = _parser().parse_args(argv)
+    a = parsed(argv, lr_preview_parser)
     cfg = from_args(a)
     try:
         ck = read_resume(cfg.resume_from)

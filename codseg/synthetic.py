@@ -4,11 +4,12 @@
 
 # %% ../nbs/03_synthetic.ipynb #a62013af
 from __future__ import annotations
-import argparse, json, os, shutil, struct, sys, time, uuid, zlib
+import json, os, shutil, struct, sys, time, uuid, zlib
 from pathlib import Path
 import numpy as np
 from .errors import UsageError, report
-from .config import Config, add_args, field_help
+from .config import Config
+from .flags import make_synthetic_parser, parsed
 
 # %% auto #0
 __all__ = ['DIRS', 'NORM64', 'VERSION', 'MARKER', 'PARTIAL', 'box', 'stretch', 'blobs', 'stripes', 'blob_shape', 'make_scene',
@@ -189,18 +190,7 @@ def synthetic_root(cfg: Config) -> Path:
 # %% ../nbs/03_synthetic.ipynb #d237fc21
 def make_synthetic_cli(argv=None) -> int:
     "`codseg make-synthetic DIR --n N --size S --seed K`: write the synthetic dataset (COD10K-v3 layout)."
-    d, h = Config(), field_help()
-    what = ('Write the synthetic camouflage dataset in the COD10K-v3 layout '
-            '(Train/Image, Train/GT_Object, Test/...).')
-    p = argparse.ArgumentParser(prog='codseg make-synthetic', description=what)
-    p.add_argument('dir', help='output folder: new, empty, or holding a previous synthetic dataset')
-    p.add_argument('--n', '--synthetic-n', dest='synthetic_n', type=int, default=d.synthetic_n,
-                   help='camouflaged training images; n//4 test and n//20 NonCAM images are added '
-                   f'(default: {d.synthetic_n})')
-    p.add_argument('--size', '--synthetic-size', dest='synthetic_size', type=int, default=d.synthetic_size,
-                   help=f"{h['synthetic_size']} (default: {d.synthetic_size})")
-    add_args(p, ('seed',))
-    ns = p.parse_args(sys.argv[1:] if argv is None else argv)
+    ns = parsed(argv, make_synthetic_parser)
     t0 = time.time()
     try: out = write_synthetic(ns.dir, ns.synthetic_n, ns.synthetic_size, ns.seed, say=print)
     except (FileExistsError, ValueError) as e:  # a folder or size that cannot work: a usage error

@@ -522,12 +522,12 @@ def validate(checkpoint, device='auto', **overrides) -> dict:
     return meter.compute()
 
 # %% ../nbs/10_train.ipynb #8b72494d
-# the parser lives in the light codseg.cli: `codseg train --help` imports no torch
-from .cli import train_parser
+# the parser lives in the light codseg.flags: `codseg train --help` imports no torch
+from .flags import parsed, train_parser
 
 EXIT_STOPPED = 3  # `codseg train` stopped resumably before its end by --time-limit or --stop-after
 
 def train_cli(argv=None) -> int:
     "Run `codseg train` with flags `argv`; 0 done, 3 stopped by --time-limit/--stop-after, 128 + N by signal N."
-    r = train(from_args(train_parser().parse_args(argv)))
+    r = train(from_args(parsed(argv, train_parser)))
     return 128 + r['signal'] if r.get('signal') else EXIT_STOPPED if r.get('stopped') else 0

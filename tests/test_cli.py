@@ -137,7 +137,8 @@ def test_read_only_checkpoint_dir_refused_early(tmp_path):
 def test_check_settings_asks_the_plan(monkeypatch):
     "check_settings refuses through schedule.check_plan (the plan's own checks, not a copy): its PlanError, exit 2."
     import codseg.schedule as schedule
-    from codseg.cli import check_settings, train_parser, UsageError
+    from codseg.cli import check_settings, UsageError
+    from codseg.flags import train_parser
     def refuse(s, n_train=1, world_size=1): raise schedule.PlanError('--lr: refused by check_plan')
     monkeypatch.setattr(schedule, 'check_plan', refuse)
     with pytest.raises(UsageError, match='refused by check_plan'):
@@ -161,7 +162,8 @@ def test_bad_setting_refused_before_any_heavy_import(cmd, tmp_path):
 
 def test_output_inside_an_input_through_a_symlink(tmp_path):
     "A dataset named through a symlink (as /kaggle/input mounts are), an output through its real path: refused."
-    from codseg.cli import check_settings, train_parser, UsageError
+    from codseg.cli import check_settings, UsageError
+    from codseg.flags import train_parser
     real = tmp_path/'data'/'COD10K-v3'
     (real/'Train'/'Image').mkdir(parents=True)
     (real/'Train'/'GT_Object').mkdir()

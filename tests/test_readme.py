@@ -55,7 +55,7 @@ def localise(argv: list, d: Path) -> list:
 def resume_checkpoint(argv: list, d: Path):
     "A weights checkpoint of the architecture `argv` names where its --resume-from expects one (random weights)."
     import torch
-    from codseg.cli import train_parser
+    from codseg.flags import train_parser
     from codseg.config import from_args, to_dict
     from codseg.model import build_model
     cfg = from_args(train_parser().parse_args(argv))

@@ -219,14 +219,15 @@ def test_widget_matches_cli(tmp_path):
     import matplotlib
     matplotlib.use('Agg')
     from codseg.config import from_args
-    from codseg.preview import WIDGET_FIELDS, _parser, lr_widget, write_csv
+    from codseg.flags import lr_preview_parser
+    from codseg.preview import WIDGET_FIELDS, lr_widget, write_csv
     from codseg.schedule import make_plan, plan_settings
     w = lr_widget(Config(epochs=10, stage1_epochs=2), n_train=120, static=True)
     values = dict(lr=3e-4, batch_size=4, scheduler='cosine_restart', stage1_scheduler='cosine', min_lr=2e-6,
                   warmup_epochs=1, t_mult=1, accumulation_steps=3, backbone_lr_mult=0.2, pct_start=0.3)
     for n, v in values.items(): w.children[WIDGET_FIELDS.index(n)].value = v
     argv = ['--epochs', '10', '--stage1-epochs', '2', '--train-size', '120'] + to_argv(values)
-    cli = from_args(_parser().parse_args(argv))
+    cli = from_args(lr_preview_parser().parse_args(argv))
     assert w.result is not None and plan_settings(w.result) == plan_settings(cli)
     assert (cli.stage2_lr, cli.stage2_batch_size) == (None, None)  # the CLI leaves them to --lr and --batch-size
     plan = make_plan(w.result, 120)  # what the widget draws

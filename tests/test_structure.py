@@ -119,3 +119,60 @@ def test_registries_own_their_names():
               if isinstance(n, ast.FunctionDef) and n.name == 'make_loggers')
     said = {n.value for n in ast.walk(fn) if isinstance(n, ast.Constant)} & set(LOGGERS)
     assert not said, f'make_loggers special-cases {said}: open them from LOGGER_TYPES'
+
+
+HEAVY = ('torch', 'timm', 'cv2', 'albumentations')
+
+
+def imports_of(path: Path) -> set[str]:
+    "The top-level names of every module that module file `path` imports anywhere in it (codseg's own included)."
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import): out.update(a.name.split('.')[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0: out.add((node.module or '').split('.')[0])
+    return out
+
+
+def test_cli_is_the_top_floor():
+    "No module imports codseg.cli but the entry points: the commands take their parsers from codseg.flags."
+    g = graph()
+    assert [m for m in g if 'cli' in g[m]] == [], {m: g[m] for m in g if 'cli' in g[m]}
+    for m in ('train', 'evaluate', 'findlr', 'preview'): assert 'flags' in g[m], (m, g[m])
+    assert 'cli' in imported(PKG/'__main__.py', MODULES | {'cli'})  # the one other importer
+
+
+def test_flags_stay_light():
+    "The parsers import only the settings and the error words, and loading them imports no heavy package."
+    assert graph()['flags'] <= {'config', 'errors'}, graph()['flags']
+    assert not imports_of(PKG/'flags.py') & set(HEAVY), imports_of(PKG/'flags.py')
+    code = f'import sys, codseg.flags; print(sorted(m for m in {HEAVY!r} if m in sys.modules))'
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == '[]', r.stdout + r.stderr
+
+
+def parser_misuse(path: Path) -> tuple[list[str], list[str]]:
+    "(argparse's error handler patched, parsers built) in module file `path`, each as `line: code`."
+    src, swaps, builds = path.read_text(), [], []
+    where = lambda node: f'{node.lineno}: {ast.get_source_segment(src, node)}'
+    for node in ast.walk(ast.parse(src)):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+            node, (ast.AugAssign, ast.AnnAssign)) else []
+        if any(isinstance(t, ast.Attribute) and 'ArgumentParser' in ast.unparse(t.value) for t in targets) or (
+                isinstance(node, ast.Call) and ast.unparse(node.func) == 'setattr' and node.args
+                and 'ArgumentParser' in ast.unparse(node.args[0])):
+            swaps.append(where(node))
+        elif isinstance(node, ast.Call) and ast.unparse(node.func).split('.')[-1] in ('ArgumentParser', 'Parser'):
+            builds.append(where(node))
+    return swaps, builds
+
+
+def test_parsers_have_one_home(tmp_path):
+    "argparse is never patched (no `ArgumentParser.error = ...`), and only codseg.flags builds parsers."
+    (tmp_path/'m.py').write_text('import argparse\nargparse.ArgumentParser.error = print\n'
+                                 'setattr(argparse.ArgumentParser, "error", print)\np = argparse.ArgumentParser()\n')
+    swaps, builds = parser_misuse(tmp_path/'m.py')
+    assert [s.split(':')[0] for s in swaps] == ['2', '3'] and [s.split(':')[0] for s in builds] == ['4']
+    found = {p.name: parser_misuse(p) for p in PKG.glob('*.py')}
+    assert {k: swaps for k, (swaps, _) in found.items() if swaps} == {}
+    assert {k: builds for k, (_, builds) in found.items() if builds and k != 'flags.py'} == {}
+    assert found['flags.py'][1], 'codseg.flags builds the parsers'
