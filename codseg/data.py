@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_data.ipynb #3830ca99
 from __future__ import annotations
-import os, random, warnings
+import ctypes, os, random, signal, sys, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')  # no version check online (offline Kaggle sessions)
@@ -18,8 +18,8 @@ from .layout import Found, Pair, check_pairs, train_val_pairs, usable_pairs
 from .cache import input_scale, read_entry, cache_data
 
 # %% auto #0
-__all__ = ['SKIPPED', 'train_transform', 'eval_transform', 'split_normalize', 'item_rngs', 'SegDataset', 'EpochSampler',
-           'seed_worker', 'make_loader', 'Data', 'build_data', 'write_skipped']
+__all__ = ['PR_SET_PDEATHSIG', 'SKIPPED', 'train_transform', 'eval_transform', 'split_normalize', 'item_rngs', 'SegDataset',
+           'EpochSampler', 'die_with_parent', 'seed_worker', 'make_loader', 'Data', 'build_data', 'write_skipped']
 
 # %% ../nbs/02_data.ipynb #1db1a7d7
 def train_transform(size: int, mean, std) -> A.Compose:
@@ -160,8 +160,17 @@ if hasattr(os, 'register_at_fork') and not getattr(cv2, '_codseg_fork_safe', Fal
     os.register_at_fork(before=_cv2_before_fork, after_in_parent=_cv2_after_fork)
     cv2._codseg_fork_safe = True
 
+PR_SET_PDEATHSIG = 1  # Linux prctl(2): the signal a process gets when its parent dies
+
+def die_with_parent(signum=signal.SIGKILL) -> bool:
+    "Linux: have this process get `signum` when the process that started it dies (no orphans); False elsewhere."
+    if not sys.platform.startswith('linux'): return False
+    try: return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signum)) == 0
+    except (OSError, AttributeError): return False
+
 def seed_worker(worker_id: int):
-    "Seed a DataLoader worker's global generators from its torch seed; one OpenCV thread per worker."
+    "Seed a DataLoader worker's generators; one OpenCV thread; it ends with the process that started it."
+    die_with_parent()  # a main process stopped by any signal (or SIGKILL) leaves no worker behind
     s = torch.initial_seed() % 2 ** 32
     np.random.seed(s)
     random.seed(s)

@@ -4,19 +4,20 @@
 
 # %% ../nbs/09a_runtime.ipynb #4389bd4b
 from __future__ import annotations
-import ctypes, hashlib, os, random, shutil, signal, socket, sys, threading, warnings, zipfile
+import hashlib, os, random, shutil, signal, socket, sys, threading, warnings, zipfile
 from dataclasses import fields, replace
 from pathlib import Path
 import numpy as np
 import torch
 from .config import Config, from_dict, kaggle_input_dir
+from .data import die_with_parent
 from .errors import CHECKPOINT_FIX, UsageError
 
 # %% auto #0
-__all__ = ['PR_SET_PDEATHSIG', 'STOP_SIGNALS', 'CHECKPOINT_FORMAT', 'RESUMES_WITH', 'SHARED_FIX', 'ARCH', 'WEIGHTS_FIX',
-           'pick_device', 'elastic_restart', 'end_with_parent', 'Dist', 'StopWatch', 'seed_everything', 'save_atomic',
-           'copy_atomic', 'CheckpointPair', 'RunLock', 'load_checkpoint', 'check_format', 'rng_state', 'set_rng_state',
-           'find_resume', 'shared_resume', 'check_same_arch', 'model_state', 'load_weights', 'model_from_checkpoint']
+__all__ = ['STOP_SIGNALS', 'CHECKPOINT_FORMAT', 'RESUMES_WITH', 'SHARED_FIX', 'ARCH', 'WEIGHTS_FIX', 'pick_device',
+           'elastic_restart', 'end_with_parent', 'Dist', 'StopWatch', 'seed_everything', 'save_atomic', 'copy_atomic',
+           'CheckpointPair', 'RunLock', 'load_checkpoint', 'check_format', 'rng_state', 'set_rng_state', 'find_resume',
+           'shared_resume', 'check_same_arch', 'model_state', 'load_weights', 'model_from_checkpoint']
 
 # %% ../nbs/09a_runtime.ipynb #2506266e
 def pick_device(device='auto',  # auto, cpu, cuda or cuda:N
@@ -31,13 +32,9 @@ def elastic_restart() -> int:
     "How often torchrun has restarted this job's workers (`--max-restarts`); 0 for a first start or no torchrun."
     return int(os.environ.get('TORCHELASTIC_RESTART_COUNT') or 0)
 
-PR_SET_PDEATHSIG = 1  # Linux prctl(2): the signal a process gets when its parent dies
-
 def end_with_parent() -> bool:
     "Under torchrun, have Linux send this worker SIGTERM when its agent dies: a killed agent leaves no orphans."
-    if 'TORCHELASTIC_RUN_ID' not in os.environ or not sys.platform.startswith('linux'): return False
-    try: return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM)) == 0
-    except (OSError, AttributeError): return False
+    return 'TORCHELASTIC_RUN_ID' in os.environ and die_with_parent(signal.SIGTERM)
 
 class Dist:
     "Where this process runs: `rank`, `world`, `device`; `main` is the one that writes."

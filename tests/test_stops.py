@@ -172,3 +172,39 @@ def test_checkpoint_formats(tmp_path, ckpt):
                      tmp_path/'new.pth')
     assert rc == 2 and 'was written by codseg 9.9.9 in checkpoint format 99' in out and 'upgrade codseg' in out, out
     assert len(out.strip().splitlines()) == 1, out
+
+def children(pid) -> list[int]:
+    "The processes whose parent is `pid` (from /proc)."
+    out = []
+    for p in Path('/proc').iterdir():
+        if p.name.isdigit():
+            try: stat = (p/'stat').read_text()
+            except OSError: continue
+            if int(stat.rsplit(')', 1)[1].split()[1]) == pid: out.append(int(p.name))
+    return out
+
+def running(pid) -> bool:
+    "Whether process `pid` runs (a zombie waiting to be reaped has ended)."
+    try: return Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0] != 'Z'
+    except OSError: return False
+
+def test_a_stopped_evaluate_leaves_no_dataloader_workers(tmp_path, ckpt):
+    "SIGTERM (or SIGKILL) to `codseg evaluate` alone: its DataLoader workers end with it, never orphaned."
+    data = tmp_path/'data'
+    assert codseg('make-synthetic', data, '--n', 240, '--size', 96)[0] == 0
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        p = start('evaluate', '--checkpoint', ckpt, '--dataset-path', data, '--num-workers', 2, '--img-size', 384,
+                  '--tta', '--output', tmp_path/f'out{sig}', '--device', 'cpu')
+        t = time.time()
+        while len(workers := children(p.pid)) < 2:
+            assert p.poll() is None and time.time() - t < 120, 'no workers started'
+            time.sleep(0.1)
+        os.kill(p.pid, sig)  # the main process alone, not its group
+        p.communicate(timeout=60)
+        t = time.time()
+        while any(map(running, workers)) and time.time() - t < 15: time.sleep(0.1)
+        left = [w for w in workers if running(w)]
+        for w in left:
+            try: os.kill(w, signal.SIGKILL)
+            except ProcessLookupError: pass
+        assert not left, f'{signal.Signals(sig).name}: workers left behind: {left}'
