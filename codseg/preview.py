@@ -216,10 +216,11 @@ def lr_widget(cfg: Config | None = None,
     cfg = cfg or Config()
     n_train = train_count(cfg, n_train)
     static = not _widgets_render() if static is None else static
+    resumed = read_resume(cfg.resume_from)  # a run that will resume: the plan it re-makes from that checkpoint
     drawn = []
     def pick(**values):
         c = replace(cfg, **{n: (v or None) if n in _UNSET else v for n, v in values.items()})
-        try: plan = make_plan(c, n_train, world_size)
+        try: plan = preview_plan(c, n_train, world_size, checkpoint=resumed)  # what lr-preview and train use
         except PlanError as e:
             print(f'codseg: {e}')  # the widget stays up; the next change redraws
             return None

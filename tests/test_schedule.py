@@ -238,3 +238,24 @@ def test_widget_matches_cli(tmp_path):
     _, rows2 = lr_preview(argv + ['--stage2-batch-size', '2'], tmp_path)
     assert write_csv(make_plan(w.result, 120), tmp_path / 'w.csv').read_text() == (tmp_path / 'plan.csv').read_text()
     assert len(rows2) > len(rows)
+
+
+def test_widget_replans_from_the_checkpoint_the_run_resumes(tmp_path, ckpt, capsys):
+    "Given a config that resumes, the widget draws the plan the run re-makes from that checkpoint, as lr-preview."
+    pytest.importorskip('ipywidgets')
+    import matplotlib
+    matplotlib.use('Agg')
+    from codseg.preview import WIDGET_FIELDS, lr_widget, preview_plan, read_resume
+    cfg = Config(epochs=6, stage1_epochs=1, stage2_lr=5e-4, resume_from=str(ckpt))
+    w = lr_widget(cfg, n_train=120, static=True)
+    capsys.readouterr()
+    w.children[WIDGET_FIELDS.index('min_lr')].value = 1e-5  # a change: the widget redraws and prints the plan
+    shown = capsys.readouterr().out
+    want = preview_plan(w.result, 120, 1, checkpoint=read_resume(ckpt)).summary()
+    assert want in shown and 'Re-planned from Epoch' in want, shown  # from the epoch the checkpoint finished
+    from codseg.schedule import make_plan
+    fresh = make_plan(w.result, 120).summary()
+    assert fresh not in shown
+    out, _ = lr_preview(list(map(str, ['--epochs', 6, '--stage1-epochs', 1, '--stage2-lr', 5e-4, '--min-lr', 1e-5,
+                                       '--train-size', 120, '--resume-from', ckpt])), tmp_path)
+    assert want in out  # lr-preview --resume-from prints the same plan
