@@ -212,7 +212,7 @@ def check_settings(ns: argparse.Namespace, command: str = 'train') -> Config:
 
 def _check_data(cfg: Config, command: str):
     "The data a training command reads, checked as the trainer will (files, sizes, masks); the plan on its size."
-    from codseg.layout import usable_pairs
+    from codseg.checks import usable_pairs
     from codseg.schedule import PlanError, make_plan
     n = len(usable_pairs(cfg)[0])  # a DataError (bad data: exit 1) names the files and the fix
     if command != 'train' or cfg.resume_from: return  # a resume re-plans from its checkpoint
@@ -226,7 +226,7 @@ COMMANDS = {  # name: (parser or None when the command parses itself cheaply, ru
               'train a model in two stages (frozen backbone, then unfrozen)'),
     'lr-preview': ('codseg.preview:_parser', 'codseg.preview:lr_preview_cli',
                    'print, plot and export the learning-rate plan of a run'),
-    'data-check': (None, 'codseg.layout:data_check_cli', 'show what a dataset path holds, without training'),
+    'data-check': (None, 'codseg.checks:data_check_cli', 'show what a dataset path holds, without training'),
     'make-synthetic': (None, 'codseg.synthetic:make_synthetic_cli',
                        'write the synthetic camouflage dataset (COD10K-v3 layout)'),
     'evaluate': ('codseg.cli:evaluate_parser', 'codseg.evaluate:evaluate_cli',
