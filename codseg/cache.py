@@ -13,7 +13,9 @@ import cv2, numpy as np, torch
 from .config import Config
 from .errors import inside_input
 from .image import DataError, shrink_mask
-from .layout import Found, Pair, _gone
+from .layout import Pair
+from .roles import Found
+from .archives import _gone
 
 # %% auto #0
 __all__ = ['CACHE_VERSION', 'CHUNK', 'STALE', 'input_scale', 'work_size', 'cache_folder', 'entry_name', 'write_entry',

@@ -143,7 +143,7 @@ def check_settings(ns: argparse.Namespace, command: str = 'train') -> Config:
 
 def _check_data(cfg: Config, command: str):
     "The data a training command reads, checked as the trainer will (files, sizes, masks); the plan on its size."
-    from codseg.layout import usable_pairs
+    from codseg.checks import usable_pairs
     from codseg.schedule import PlanError, make_plan
     n = len(usable_pairs(cfg)[0])  # a DataError (bad data: exit 1) names the files and the fix
     if command != 'train' or cfg.resume_from: return  # a resume re-plans from its checkpoint
@@ -164,7 +164,7 @@ COMMANDS = {
                      'train a model in two stages (frozen backbone, then unfrozen)'),
     'lr-preview': Command(lr_preview_parser, 'codseg.preview:lr_preview_cli',
                           'print, plot and export the learning-rate plan of a run'),
-    'data-check': Command(data_check_parser, 'codseg.layout:data_check_cli',
+    'data-check': Command(data_check_parser, 'codseg.checks:data_check_cli',
                           'show what a dataset path holds, without training', checked=False),
     'make-synthetic': Command(make_synthetic_parser, 'codseg.synthetic:make_synthetic_cli',
                               'write the synthetic camouflage dataset (COD10K-v3 layout)', checked=False),

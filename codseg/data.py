@@ -14,7 +14,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from .config import Config
 from .image import (DataError, read_bytes, jpeg_size, decode_image, read_mask, reduce_factor, shrink_mask,
                           size_mismatch)
-from .layout import Found, Pair, check_pairs, train_val_pairs, usable_pairs
+from .layout import Pair
+from .roles import Found, train_val_pairs
+from .checks import check_pairs, usable_pairs
 from .cache import input_scale, read_entry, cache_data
 
 # %% auto #0

@@ -13,7 +13,9 @@ from torch.utils.data import DataLoader
 from .config import Config, resolve, add_args
 from .errors import NO_INPUT, inside_input, is_inside
 from .image import DataError, read_image, read_mask, check_images
-from .layout import Pair, is_image_file, discover, dataset_root, check_pairs
+from .layout import Pair, is_image_file
+from .roles import discover, dataset_root
+from .checks import check_pairs
 from .data import SegDataset, eval_transform, seed_worker
 from .metrics import SODMeter, to_uint8_map
 from .runtime import pick_device, model_from_checkpoint

@@ -25,7 +25,7 @@ def train_count(cfg: Config, train_size: int | None) -> int:
     if not cfg.dataset_path:
         raise PlanError("give --train-size N (COD10K's camouflaged training set: 3040) "
                         'or --dataset-path DIR to count')
-    from codseg.layout import train_size as count  # lazily: lr-preview with --train-size reads no dataset code
+    from codseg.roles import train_size as count  # lazily: lr-preview with --train-size reads no dataset code
     return count(cfg)
 
 # %% ../nbs/08_preview.ipynb #3a27413b

@@ -12,7 +12,7 @@ import torch
 from .config import (Config, resolve, add_args, from_args, to_argv, to_dict, from_dict, save_config, DATA, MODEL,
                            PLAN, TRAIN)
 from .errors import DATASET_REQUIRED
-from .layout import usable_pairs
+from .checks import usable_pairs
 from .runtime import (Dist, pick_device, seed_everything, CheckpointPair, copy_atomic, load_checkpoint,
                             rng_state, set_rng_state, find_resume, shared_resume, check_same_arch, model_state,
                             model_from_checkpoint, elastic_restart, StopWatch, STOP_SIGNALS, SHARED_FIX, RunLock,

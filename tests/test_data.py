@@ -5,8 +5,7 @@ import numpy as np, cv2, pytest
 from codseg.cli import main
 from conftest import tree_hash
 
-SHARED = Path(__file__).resolve().parents[2]/'shared'
-CAMO = SHARED/'fixtures'/'CAMO-sample'
+CAMO = Path(__file__).resolve().parent/'fixtures'/'CAMO-sample'  # three real CAMO pairs (Test split only)
 
 
 def run(*args, env=None):
@@ -74,17 +73,16 @@ def test_data_check_include_noncam_and_val_path(synthetic, capsys):
 
 
 def test_data_check_camo_fixture(synthetic, capsys):
-    if not CAMO.is_dir(): pytest.skip('the shared CAMO fixture is not here')
     before = tree_hash(CAMO)
     rc, out, _ = cli(capsys, 'data-check', '--dataset-path', CAMO, '--decode')
-    assert 'layout:  CAMO' in out and 'test CAMO' in out and '4 pairs' in out
-    assert 'checked every pixel of training 0, validation 0, CAMO 4 pairs: 0 bad' in out
+    assert 'layout:  CAMO' in out and 'test CAMO' in out and '3 pairs' in out
+    assert 'checked every pixel of training 0, validation 0, CAMO 3 pairs: 0 bad' in out
     assert rc == 1 and 'no training images' in out  # a test split only: training could not start
     rc, out, err = cli(capsys, 'data-check', '--dataset-path', synthetic, '--val-path', CAMO)  # CAMO's Test split
     assert rc == 1 and 'training would stop' in out and 'test set of the field' in out
     rc, out, _ = cli(capsys, 'data-check', '--dataset-path', synthetic, '--val-path', CAMO, '--allow-test-training')
-    assert rc == 0 and f'training 16, validation 4 (--val-path {CAMO})' in out
-    assert 'checked the headers of training 16, validation 4, COD10K 4 pairs: 0 bad' in out
+    assert rc == 0 and f'training 16, validation 3 (--val-path {CAMO})' in out
+    assert 'checked the headers of training 16, validation 3, COD10K 4 pairs: 0 bad' in out
     assert tree_hash(CAMO) == before
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import cv2, numpy as np, pytest, torch
 import py_sod_metrics as M
 
-CAMO = Path(__file__).resolve().parents[2]/'shared'/'fixtures'/'CAMO-sample'
+CAMO = Path(__file__).resolve().parent/'fixtures'/'CAMO-sample'  # three real CAMO pairs
 from conftest import TINY  # the shared tiny settings
 from conftest import tree_hash
 
@@ -68,8 +68,7 @@ def test_evaluate_equals_pysodmetrics_by_hand(ckpt, tmp_path):
     assert tree_hash(pack) == before, 'evaluate wrote into the dataset folder'
 
 def test_evaluate_camo_fixture(ckpt, tmp_path):
-    "The real CAMO sample (JPEGs of 632x420 .. 589x617): maps at each mask's size, numbers equal PySODMetrics by hand."
-    if not CAMO.is_dir(): pytest.skip('the shared CAMO fixture is not here')
+    "The real CAMO sample (JPEGs of 632x420, 589x617, 470x314): maps at each mask's size, numbers equal PySODMetrics by hand."
     from codseg.evaluate import evaluate
     before = tree_hash(CAMO)
     rows = evaluate(ckpt, CAMO, output=tmp_path, save_predictions=tmp_path/'maps', device='cpu', num_workers=0, say=lambda *a: None)
@@ -134,8 +133,7 @@ def test_predict_keeps_each_images_size(ckpt, tmp_path):
     sizes = {'odd': (617, 589), 'odd_t': (589, 617), 'strip': (9, 301), 'one': (1, 1), 'UPPER': (128, 77)}
     rng = np.random.default_rng(0)
     for n, (h, w) in sizes.items(): cv2.imwrite(str(ins/f"{n}{'.JPG' if n == 'UPPER' else '.png'}"), rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-    if CAMO.is_dir():
-        for f in (CAMO/'Images'/'Test').iterdir(): (ins/f.name).write_bytes(f.read_bytes()); sizes[f.stem] = cv2.imread(str(f)).shape[:2]
+    for f in (CAMO/'Images'/'Test').iterdir(): (ins/f.name).write_bytes(f.read_bytes()); sizes[f.stem] = cv2.imread(str(f)).shape[:2]
     before = tree_hash(ins)
     assert main(['predict', '--checkpoint', str(ckpt), '--input', str(ins), '--output', str(tmp_path/'out'), '--masks', '--overlays',
                  '--device', 'cpu', '--num-workers', '0']) == 0

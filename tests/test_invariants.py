@@ -198,7 +198,7 @@ def put(img_dir, mask_dir, name, size=20):
 
 def test_two_roots_keep_one_pair_per_training_name(tmp_path):
     "A folder holding two datasets whose training images share a name: the name is used once and the clash reported."
-    from codseg.layout import discover
+    from codseg.roles import discover
     top = tmp_path/'data'  # not pytest's folder itself: its name starts with 'test', which names a test split
     for root, names in (('A', ['x', 'y']), ('B', ['x', 'z'])):
         for n in names: put(top/root/'images', top/root/'masks', n)

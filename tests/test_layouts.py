@@ -1,11 +1,13 @@
 """Mock trees of the public COD dataset layouts, as Kaggle mounts them: every set found, each with its role (train,
 val, test) and count; test sets never trained on; archives extracted outside the input; the input never written."""
-import json, os, shutil, stat, tarfile, zipfile
+import json, os, re, shutil, stat, tarfile, zipfile
 from pathlib import Path
 import numpy as np, cv2, pytest
 from codseg.cli import main
 from codseg.config import Config
-from codseg.layout import DataError, discover, find_dataset_root, train_val_pairs
+from codseg.image import DataError
+from codseg.layout import find_dataset_root, layouts_md
+from codseg.roles import discover, train_val_pairs
 
 CAM = 'COD10K-CAM-1-Aquatic-1-BatFish-{}'
 NONCAM = 'COD10K-NonCAM-1-Aquatic-1-Sea-{}'
@@ -248,6 +250,33 @@ def test_the_roots_own_name_says_a_split_only_as_a_whole_word(tmp_path, capsys):
         rc, js = check(capsys, '--dataset-path', top)
         assert set(roles(js).values()) == {role}, (name, js['roles'])
         assert rc == (0 if role == 'train' else 1), (name, rc)  # only test sets: nothing to train on
+
+
+def test_duts_layout_is_one_entry(tmp_path, capsys):
+    "DUTS (DUTS-TR/DUTS-TR-Image + -Mask, DUTS-TE/...): its Test split tested, its Train split trained on only when named."
+    kin = tmp_path/'input'
+    d = kin/'duts-saliency-detection-dataset'
+    pairs(d/'DUTS-TR', 'DUTS-TR-Image', 'DUTS-TR-Mask', [f'n01532829_{i}' for i in range(5)])
+    pairs(d/'DUTS-TE', 'DUTS-TE-Image', 'DUTS-TE-Mask', [f'ILSVRC2012_test_{i:08d}' for i in range(3)])
+    before = snapshot(d)
+    rc, js = check(capsys, '--dataset-path', d)
+    assert rc == 1 and js['layout'] == 'DUTS' and roles(js) == {'DUTS': 'test', 'DUTS-train': 'unused'}, js
+    assert js['test'] == {'DUTS': 3} and js['would_train'] is False and 'salient-object' in js['roles']['DUTS-train']['reason']
+    rc, js = check(capsys, '--dataset-path', d, '--train-sets', 'duts-train', '--seed', 0)
+    assert rc == 0 and roles(js) == {'DUTS': 'test', 'DUTS-train': 'train'} and js['train'] + js['val'] == 5, js
+    rc, js = check(capsys, '--dataset-path', d/'DUTS-TR', '--train-sets', 'DUTS-train')  # one split on its own
+    assert rc == 0 and js['layout'] == 'DUTS' and roles(js) == {'DUTS-train': 'train'}, js
+    cod10k(kin/'cod10k'/'COD10K-v3')  # beside COD10K: COD10K's recipe, DUTS's Test split one more test set
+    rc, js = check(capsys, '--dataset-path', kin)
+    assert rc == 0 and roles(js) == {'COD10K': 'test', 'COD10K-train': 'train', 'DUTS': 'test', 'DUTS-train': 'unused'}, js
+    assert js['train'] + js['val'] == 6 and snapshot(d) == before  # COD10K's 6 CAM training images; DUTS never written
+
+
+def test_readme_lists_the_layouts_of_the_table():
+    "README's list of layouts is the one `codseg.layout.LAYOUTS` makes: a layout added to the table is documented."
+    text = (Path(__file__).resolve().parents[1]/'README.md').read_text()
+    m = re.search(r'<!-- layouts[^\n]*-->\n(.*?)\n<!-- /layouts -->', text, re.S)
+    assert m and m[1] == layouts_md(), 'README.md between the layouts markers should read:\n' + layouts_md()
 
 
 def test_val_path_folder_that_does_not_exist(session, capsys):

@@ -15,7 +15,7 @@ def start():
 '''
 
 EXTRACT = PRELUDE + '''
-import codseg.layout as L
+import codseg.archives as L
 def counted(*args, unpack=L._unpack):
     "`_unpack`, counted in a file all processes append to."
     with open(a['count'], 'a') as f: f.write('x')
@@ -29,7 +29,7 @@ print(json.dumps({'out': str(out), 'now': now, 'files': first, 'later': files()}
 '''
 
 HOLD_LOCK = PRELUDE + '''
-from codseg.layout import _exclusive, _target
+from codseg.archives import _exclusive, _target
 out = _target(Path(a['archive']), Path(a['xd'])); out.parent.mkdir(parents=True, exist_ok=True)
 with _exclusive(out.with_name(f'.{out.name}.lock'), 5, 'holding'):  # an extraction that will be killed midway
     part = out.with_name(f'.{out.name}.{socket.gethostname()}.{os.getpid()}.abcdef.part'); part.mkdir()

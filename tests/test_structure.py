@@ -48,7 +48,7 @@ def test_the_checker_finds_cycles(tmp_path):
 
 def test_no_import_cycle():
     g = graph()
-    assert {'image', 'layout', 'cache', 'data'} <= set(g)
+    assert {'image', 'layout', 'archives', 'roles', 'checks', 'cache', 'data'} <= set(g)
     assert cycles(g) == [], f'import cycles in codseg/: {cycles(g)}'
 
 
@@ -59,9 +59,21 @@ def test_data_layers():
     assert {'image', 'layout', 'cache'} <= g['data']
 
 
+FINDING = ('layout', 'archives', 'roles', 'checks')  # finding a dataset, lowest floor first (01, 01a, 01b, 01c)
+
+
+def test_finding_a_dataset_is_four_floors():
+    "Layouts, archives, roles, checks: each imports only the floors below it (and config, errors, image), never data."
+    g = graph()
+    for i, m in enumerate(FINDING):
+        allowed = {'config', 'errors', 'image', *FINDING[:i]} | ({'synthetic'} if m == 'roles' else set())  # --dataset-path synthetic
+        assert g[m] <= allowed, (m, g[m] - allowed)
+    assert 'layout' in g['archives'] and 'archives' in g['roles'] and 'roles' in g['checks']
+
+
 def test_layout_stays_light():
-    "`codseg data-check` and `lr-preview` import layout without torch or albumentations (seconds saved per call)."
-    code = 'import sys, codseg.layout; print(sorted(m for m in ("torch", "albumentations") if m in sys.modules))'
+    "`codseg data-check` and `lr-preview` find a dataset without torch or albumentations (seconds saved per call)."
+    code = 'import sys, codseg.checks; print(sorted(m for m in ("torch", "albumentations") if m in sys.modules))'
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == '[]', r.stdout + r.stderr
 

@@ -45,7 +45,7 @@ def put_mask(f: Path, a):
 def val_mask(root: Path) -> Path:
     "The mask of the (only) validation image the default seeded split holds out of `root`."
     from codseg.config import Config
-    from codseg.layout import train_val_pairs
+    from codseg.roles import train_val_pairs
     return train_val_pairs(Config(dataset_path=str(root)))[1][0].mask
 
 # ---------------------------------------------------------------- 2. degenerate data named before training
