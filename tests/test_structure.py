@@ -63,10 +63,11 @@ FINDING = ('layout', 'archives', 'roles', 'checks')  # finding a dataset, lowest
 
 
 def test_finding_a_dataset_is_four_floors():
-    "Layouts, archives, roles, checks: each imports only the floors below it (and config, errors, image), never data."
+    "Layouts, archives, roles, checks: each imports only the floors below it (and config, errors, flags, image)."
     g = graph()
     for i, m in enumerate(FINDING):
-        allowed = {'config', 'errors', 'image', *FINDING[:i]} | ({'synthetic'} if m == 'roles' else set())  # --dataset-path synthetic
+        allowed = {'config', 'errors', 'flags', 'image', *FINDING[:i]}
+        allowed |= {'synthetic'} if m == 'roles' else set()  # --dataset-path synthetic
         assert g[m] <= allowed, (m, g[m] - allowed)
     assert 'layout' in g['archives'] and 'archives' in g['roles'] and 'roles' in g['checks']
 
@@ -83,7 +84,7 @@ def test_evaluate_and_findlr_import_nothing_from_train():
     g = graph()
     assert 'runtime' in g['evaluate'] and 'runtime' in g['findlr'] and 'runtime' in g['train']
     assert 'train' not in g['evaluate'] and 'train' not in g['findlr'], (g['evaluate'], g['findlr'])
-    assert g['runtime'] <= {'config', 'errors', 'model'}, g['runtime']  # below the learner and the trainer
+    assert g['runtime'] <= {'config', 'errors', 'data', 'model'}, g['runtime']  # below the learner and the trainer
 
 
 def sources() -> dict[str, str]:
