@@ -178,7 +178,7 @@ def match_maps(method: Method, sets: dict[str, list[Pair]], include_noncam: bool
     empty = [s for s in sets if any(e.lower() == s.lower() for e in method.empty)]
     if empty: raise UsageError(f'{method.flag}: {method.root/empty[0]} holds no maps: add them, or remove the folder')
     if none := [s for s in sets if s not in found]: notes.append(f'{method.name}: no maps for {", ".join(none)}')
-    return found, notes
+    return {s: found[s] for s in sets if s in found}, notes  # in the order of `sets`, whatever the folders' order
 
 # %% ../nbs/06a_maps.ipynb #3755720f
 CHUNK = 16  # images per unit of work: the same units with 1 or N workers
