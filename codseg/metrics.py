@@ -8,7 +8,8 @@ import math
 import numpy as np, torch, torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['THRESHOLD', 'GT_THRESHOLD', 'iou_dice', 'SegMeter', 'to_uint8_map', 'SODMeter']
+__all__ = ['THRESHOLD', 'GT_THRESHOLD', 'BETA2', 'FULL_METRICS', 'LOWER_BETTER', 'CURVE_KEYS', 'METRIC_VERSION', 'iou_dice',
+           'SegMeter', 'to_uint8_map', 'SODMeter']
 
 # %% ../nbs/06_metrics.ipynb #76b02237
 THRESHOLD = 0.5  # probability above which a pixel is predicted foreground
@@ -82,15 +83,33 @@ def to_uint8_map(prob, size,
     return (t.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 # %% ../nbs/06_metrics.ipynb #b24b2314
+BETA2 = 0.3  # β² of the F-measure, as every SOD/COD paper since Achanta et al. (PySODMetrics' `beta`)
+FULL_METRICS = ('Sm', 'wFm', 'MAE', 'adpEm', 'meanEm', 'maxEm', 'adpFm', 'meanFm', 'maxFm', 'IoU',
+                'Dice')  # compute_all's keys, in the order papers print them
+LOWER_BETTER = ('MAE',)  # the columns where the smallest value is the best
+CURVE_KEYS = ('precision', 'recall', 'fm', 'em')  # curves()' arrays: 256 values each, index = threshold 0-255
+METRIC_VERSION = 1  # codseg's scoring (these metrics, how maps are read): results cached under another are rescored
+
+def _fmeasure():
+    "PySODMetrics' `Fmeasure` (β² = 0.3, 256 thresholds), without its notice that FmeasureV2 will replace it."
+    import warnings, py_sod_metrics as M
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return M.Fmeasure(beta=BETA2)
+
 class SODMeter:
-    "The COD protocol: PySODMetrics' Sm, Em (mean/adp/max), wFm, MAE, plus mean IoU and Dice at 0.5."
+    "The COD protocol: PySODMetrics' Sm, Eφ and Fβ (mean/adp/max) with their curves, wFm, MAE; IoU and Dice at 0.5."
     def __init__(self):
         import py_sod_metrics as M
         self.sm, self.em, self.wfm, self.mae = M.Smeasure(), M.Emeasure(), M.WeightedFmeasure(), M.MAE()
-        self.seg, self.n_empty = SegMeter(), 0
+        self.fm, self.seg, self.n_empty = _fmeasure(), SegMeter(), 0
 
     @property
     def count(self) -> int: return int(self.seg.sums[2].item())
+
+    def _parts(self) -> dict:
+        "The PySODMetrics objects by name."
+        return {'sm': self.sm, 'em': self.em, 'wfm': self.wfm, 'mae': self.mae, 'fm': self.fm}
 
     def update(self, pred: np.ndarray, gt: np.ndarray, name: str = ''):  # name: for error messages
         "Score one prediction: `pred` uint8 (H, W) at the mask's original size, `gt` the uint8 (H, W) mask."
@@ -103,7 +122,7 @@ class SODMeter:
             raise ValueError(f'SODMeter{where}: pred {pred.shape} and gt {gt.shape} must be the same (H, W); '
                              'resize the prediction to the mask with to_uint8_map(prob, gt.shape)')
         gt = np.where(gt > GT_THRESHOLD, 255, 0).astype(np.uint8)
-        for m in (self.sm, self.em, self.wfm, self.mae): m.step(pred=pred, gt=gt)
+        for m in self._parts().values(): m.step(pred=pred, gt=gt)
         self.n_empty += int(not gt.any())
         prob = torch.from_numpy(pred)[None].float() / 255  # > 0.5 exactly where the uint8 value is >= 128
         self.seg.add(*iou_dice(prob, torch.from_numpy(gt)[None], self.seg.threshold, from_logits=False),
@@ -117,3 +136,30 @@ class SODMeter:
                 'maxEm': float(em['curve'].max()),
                 'wFm': float(self.wfm.get_results()['wfm']), 'MAE': float(self.mae.get_results()['mae']),
                 'IoU': seg['iou'], 'Dice': seg['dice']}
+
+    def compute_all(self) -> dict:
+        "The field's full set (FULL_METRICS): `compute()`'s values plus Fβ adaptive, mean and max."
+        fm = self.fm.get_results()['fm']
+        out = self.compute() | {'adpFm': float(fm['adp']), 'meanFm': float(fm['curve'].mean()),
+                                'maxFm': float(fm['curve'].max())}
+        return {k: out[k] for k in FULL_METRICS}
+
+    def curves(self) -> dict[str, np.ndarray]:
+        "The mean per-threshold curves (CURVE_KEYS), index = threshold 0-255 (PySODMetrics' order flipped)."
+        f, em = self.fm.get_results(), self.em.get_results()['em']
+        return {k: np.flip(v).copy() for k, v in zip(CURVE_KEYS, (f['pr']['p'], f['pr']['r'], f['fm']['curve'],
+                                                                   em['curve']))}
+
+    def state(self) -> dict:
+        "The per-image scores as plain lists and numbers (no torch): what `merge` appends, what a worker returns."
+        lists = {k: {a: list(v) for a, v in vars(m).items() if isinstance(v, list)} for k, m in self._parts().items()}
+        return {'lists': lists, 'seg': self.seg.sums.tolist(), 'n_empty': self.n_empty}
+
+    def merge(self, other: SODMeter | dict) -> SODMeter:  # other: a meter or its state()
+        "Append `other`'s images after this meter's, as if they had been scored next."
+        s = other.state() if isinstance(other, SODMeter) else other
+        for k, m in self._parts().items():
+            for a, v in s['lists'][k].items(): getattr(m, a).extend(v)
+        self.seg.sums += torch.tensor(s['seg'], dtype=torch.float64)
+        self.n_empty += s['n_empty']
+        return self
