@@ -7,7 +7,7 @@ import cv2, numpy as np, pytest
 import py_sod_metrics as M
 import codseg.maps as maps
 from codseg.errors import UsageError, describe
-from codseg.layout import discover
+from codseg.roles import discover
 from codseg.maps import load_method, match_maps, parse_pred_dir, score_arrays, score_method
 from codseg.metrics import CURVE_KEYS, FULL_METRICS
 
