@@ -91,14 +91,21 @@ def _check_loggers(cfg: Config):
         if name in LOGGER_PACKAGES and importlib.util.find_spec(name) is None:
             raise UsageError(logger_missing(name))
 
+def _listed(v) -> list:
+    "A flag's value as a list: a repeatable flag's values, or the one value (none when not given)."
+    return v if isinstance(v, list) else [v] if v else []
+
 def _check_files(given: dict, command: str):
     "The files that must exist, and the dataset flag that must be given."
     for n in ('pretrained_path', 'checkpoint') + (('resume_from',) if command != 'lr-preview' else ()):
-        v = given.get(n)
-        if v and v != 'auto' and not Path(v).expanduser().is_file():
-            fix = {'pretrained_path': f'; {PRETRAINED_FIX}', 'checkpoint': f'; {CHECKPOINT_FIX}',
-                   'resume_from': f'; {CHECKPOINT_FIX}, or auto'}[n]
-            raise UsageError(f'{_flag(n)} {v}: no such file{did_you_mean(v)}{fix}')
+        for v in _listed(given.get(n)):
+            if v and v != 'auto' and not Path(v).expanduser().is_file():
+                fix = {'pretrained_path': f'; {PRETRAINED_FIX}', 'checkpoint': f'; {CHECKPOINT_FIX}',
+                       'resume_from': f'; {CHECKPOINT_FIX}, or auto'}[n]
+                raise UsageError(f'{_flag(n)} {v}: no such file{did_you_mean(v)}{fix}')
+    if command == 'evaluate' and not (given.get('checkpoint') or given.get('pred_dir')):
+        raise UsageError('codseg evaluate scores --checkpoint PATH or --pred-dir NAME=DIR (each repeatable): '
+                         'give at least one')
     if command in ('train', 'evaluate', 'find-lr') and not given.get('dataset_path'):
         raise UsageError(DATASET_REQUIRED)
 
@@ -125,12 +132,13 @@ def _check_outputs(given: dict, command: str, inputs: list):
             if is_inside(given[n], src): raise UsageError(inside_input(_flag(n), given[n], _flag(f), src))
         is_file = n in ('png', 'csv')
         _writable(_flag(n), Path(given[n]).parent if is_file else given[n])
-    if command == 'evaluate' and not given.get('output') and given.get('checkpoint'):  # results go beside it
+    if command == 'evaluate' and not given.get('output'):  # results go beside the (first) checkpoint
         for f, src in inputs:
-            if is_inside(Path(given['checkpoint']).parent, src):
-                raise UsageError(inside_input('--checkpoint', given['checkpoint'], _flag(f), src,
-                                              'the results would be written beside it',
-                                              'pass --output DIR outside the dataset'))
+            for c in _listed(given.get('checkpoint'))[:1]:
+                if is_inside(Path(c).parent, src):
+                    raise UsageError(inside_input('--checkpoint', c, _flag(f), src,
+                                                  'the results would be written beside it',
+                                                  'pass --output DIR outside the dataset'))
 
 def check_settings(ns: argparse.Namespace, command: str = 'train') -> Config:
     "Check the parsed flags `ns` of `command` before anything heavy; the Config they give, or `UsageError`."

@@ -23,8 +23,9 @@ from .parts import amp_dtype as _amp, val_batch_size
 
 # %% auto #0
 __all__ = ['TTA_SCALES', 'METRICS', 'RUN_FIELDS', 'load_model', 'EvalDataset', 'collate', 'eval_loader', 'predict_probs',
-           'score_set', 'find_test_sets', 'evaluate', 'format_table', 'write_results', 'evaluate_cli', 'image_files',
-           'overlay', 'predict', 'predict_cli', 'prediction_grid']
+           'checkpoint_maps', 'score_set', 'find_test_sets', 'evaluate', 'format_table', 'write_results',
+           'checkpoint_names', 'compare', 'evaluate_cli', 'image_files', 'overlay', 'predict', 'predict_cli',
+           'prediction_grid']
 
 # %% ../nbs/11_evaluate.ipynb #72110b49
 def load_model(checkpoint, device):
@@ -77,21 +78,27 @@ def predict_probs(model, x: torch.Tensor, tta: bool = False, amp_dtype=None) -> 
 # %% ../nbs/11_evaluate.ipynb #74bc7e64
 METRICS = ('Sm', 'meanEm', 'adpEm', 'maxEm', 'wFm', 'MAE', 'IoU', 'Dice')  # the columns of the table, in order
 
-def score_set(model, loader, device, tta=False, amp_dtype=None, save_dir=None, desc='', progress=None) -> dict:
-    "Score `model` on `loader`'s items (EvalDataset); with `save_dir`, write each scored map there as PNG."
+def checkpoint_maps(model, loader, device, tta=False, amp_dtype=None, save_dir=None, desc='', progress=None):
+    "(name, uint8 map at the mask's size, uint8 mask) of each item of `loader` (EvalDataset), as `model` predicts."
     from tqdm.auto import tqdm
-    meter = SODMeter()
-    if save_dir: Path(save_dir).mkdir(parents=True, exist_ok=True)
+    if save_dir: Path(save_dir).mkdir(parents=True, exist_ok=True)  # with it, each map is also written as PNG
     bar = tqdm(total=len(loader.dataset), desc=desc, unit='img', leave=False, disable=progress, file=sys.stderr,
                dynamic_ncols=True)
-    with torch.inference_mode(), bar:
+    with bar:
         for b in loader:
-            probs = predict_probs(model, b['image'].to(device, non_blocking=True), tta, amp_dtype)
+            with torch.inference_mode():
+                probs = predict_probs(model, b['image'].to(device, non_blocking=True), tta, amp_dtype)
             for p, gt, name in zip(probs[:, 0], b['gt'], b['name']):
                 pred = to_uint8_map(p, gt.shape)
-                meter.update(pred, gt, name)
                 if save_dir: _write_png(Path(save_dir)/f'{name}.png', pred)
+                yield name, pred, gt
             bar.update(len(b['gt']))
+
+def score_set(model, loader, device, tta=False, amp_dtype=None, save_dir=None, desc='', progress=None) -> dict:
+    "Score `model` on `loader`'s items (EvalDataset); with `save_dir`, write each scored map there as PNG."
+    meter = SODMeter()
+    for name, pred, gt in checkpoint_maps(model, loader, device, tta, amp_dtype, save_dir, desc, progress):
+        meter.update(pred, gt, name)
     return {'images': meter.count, 'empty_masks': meter.n_empty, **meter.compute()}
 
 def _write_png(path: Path, a: np.ndarray):
@@ -196,14 +203,57 @@ def write_results(rows: list[dict], meta: dict, csv_path: Path, json_path: Path)
     again = ' (replacing an earlier evaluation)' if existed else ''
     return f'results written to {csv_path} and {json_path.name}{again}'
 
+# %% ../nbs/11_evaluate.ipynb #2a3c6df8
+def checkpoint_names(paths) -> list[str]:
+    "A row name per checkpoint: its file's stem, with its folder where two stems are the same."
+    stems = [Path(p).stem for p in paths]
+    return [f'{Path(p).parent.name}/{s}' if stems.count(s) > 1 else s for p, s in zip(paths, stems)]
+
+def compare(checkpoints=(), pred_dirs=(), dataset_path=None, output=None, tta: bool = False,
+            save_predictions=None,  # folder for each checkpoint's maps, as released: DIR/<checkpoint>/<set>/
+            device=None, batch_size=None, num_workers=None, img_size=None, include_noncam=None, skip_bad=None,
+            amp=None, say=print, progress=None) -> list[dict]:  # progress: tqdm's disable (None: auto)
+    "Score `checkpoints` and released maps `pred_dirs` ('NAME=DIR[:SET]') side by side on every test set."
+    from codseg.maps import load_method, parse_pred_dir, score_arrays, score_method
+    from codseg.report import format_terminal, write_report
+    methods = [load_method(*parse_pred_dir(t)) for t in pred_dirs]  # a bad folder: one line, before anything slow
+    out = Path(output) if output else Path(checkpoints[0]).parent/'compare' if checkpoints else Path('codseg-compare')
+    dev, results = pick_device(device or Config().device), []
+    first = load_model(checkpoints[0], dev) if checkpoints else None  # its settings find the sets, as evaluate's
+    base = (_settings(first[1], dataset_path, include_noncam=include_noncam, skip_bad=skip_bad)[0] if first else
+            Config(dataset_path=str(dataset_path), include_noncam=bool(include_noncam), skip_bad=bool(skip_bad)))
+    sets, root = find_test_sets(dataset_path, base, say)  # the same sets for every method
+    for flag, p in (('--output', out), ('--save-predictions', save_predictions)):
+        if p and is_inside(p, root): raise ValueError(inside_input(flag, p, '--dataset-path', root))
+    for i, (path, name) in enumerate(zip(checkpoints, checkpoint_names(checkpoints))):
+        model, ck_cfg = first if i == 0 else load_model(path, dev)
+        cfg, bs = _settings(ck_cfg, dataset_path, device=device, num_workers=num_workers, include_noncam=include_noncam,
+                            skip_bad=skip_bad, amp=amp, img_size=img_size, batch_size=batch_size)
+        say(f"{name}: {path} ({cfg.backbone}) on {dev}, {cfg.img_size} px, TTA {'on' if tta else 'off'}")
+        for s, pairs in sets.items():
+            save = save_predictions and Path(save_predictions)/name/s
+            dl = eval_loader(pairs, cfg.img_size, model.mean, model.std, bs, cfg.num_workers)
+            maps = checkpoint_maps(model, dl, dev, tta, _amp(dev, cfg.amp), save, f'{name} {s}', progress)
+            results.append(score_arrays(maps, name, s))
+    workers = Config().num_workers if num_workers is None else num_workers
+    for m in methods: results += score_method(m, sets, workers, out/'.cache', base.include_noncam, say, progress).values()
+    say(format_terminal(results))
+    files = write_report(results, out)
+    say(f"tables and curves written to {out}: {', '.join(sorted(p.name for p in files.values()))}")
+    return results
+
 # %% ../nbs/11_evaluate.ipynb #38b12316
 from .flags import evaluate_parser, parsed  # the parser lives in the light codseg.flags: `--help` imports no torch
 
 def evaluate_cli(argv=None) -> int:
     "Run `codseg evaluate` with flags `argv`; errors reach `codseg.cli.main` (one line and the exit status)."
     ns = parsed(argv, evaluate_parser)
-    evaluate(ns.checkpoint, ns.dataset_path, ns.output, ns.tta, ns.save_predictions, ns.device, ns.batch_size,
-             ns.num_workers, ns.img_size, ns.include_noncam, ns.skip_bad, ns.amp)
+    checkpoints, pred_dirs = ns.checkpoint or [], ns.pred_dir or []
+    run = dict(output=ns.output, tta=ns.tta, save_predictions=ns.save_predictions, device=ns.device,
+               batch_size=ns.batch_size, num_workers=ns.num_workers, img_size=ns.img_size,
+               include_noncam=ns.include_noncam, skip_bad=ns.skip_bad, amp=ns.amp)
+    if len(checkpoints) == 1 and not pred_dirs: evaluate(checkpoints[0], ns.dataset_path, **run)
+    else: compare(checkpoints, pred_dirs, ns.dataset_path, **run)
     return 0
 
 # %% ../nbs/11_evaluate.ipynb #9e46c67e

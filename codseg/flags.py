@@ -79,12 +79,16 @@ def _default_from_checkpoint(p: argparse.ArgumentParser):
 
 def evaluate_parser() -> Parser:
     "The parser of `codseg evaluate`."
-    what = ("Score a checkpoint on every test set under --dataset-path with the field's protocol "
-            "(PySODMetrics at each mask's original size).")
+    what = ("Score checkpoints and released prediction maps side by side on every test set under --dataset-path "
+            "with the field's protocol (PySODMetrics at each mask's original size).")
     p = Parser(prog='codseg evaluate', description=what)
-    p.add_argument('--checkpoint', required=True, help=CHECKPOINT_HELP)
+    p.add_argument('--checkpoint', action='append', metavar='PATH', help=CHECKPOINT_HELP + ' (repeatable)')
+    p.add_argument('--pred-dir', action='append', metavar='NAME=DIR[:SET]',
+                   help="a method's released maps, DIR/<set>/<stem>.png, or a flat DIR for one SET (repeatable)")
     p.add_argument('--output',
-                   help="folder for eval_<checkpoint>.csv and .json (default: the checkpoint's folder)")
+                   help="folder for the results: eval_<checkpoint>.csv and .json for one checkpoint (default: its "
+                        "folder); with several methods the tables and curves (default: <first checkpoint's "
+                        "folder>/compare, or ./codseg-compare)")
     p.add_argument('--tta', action='store_true', help=TTA_HELP)
     p.add_argument('--save-predictions', metavar='DIR',
                    help='write the scored maps as <image stem>.png (original size)')

@@ -272,3 +272,46 @@ def test_report_files(field, tmp_path):
     text = format_terminal(results)
     assert text.startswith('CAMO: 8 test images') and 'COD10K: 6 test images' in text and 'Blur on CAMO: 1 test image(s) have no map' in text
     assert set(draw_curves(paths['curves'], tmp_path/'again')) == {'pr_png', 'pr_pdf', 'fm_png', 'fm_pdf'}
+
+
+def codseg_cli(*args, timeout=600):
+    import os, subprocess, sys
+    r = subprocess.run([sys.executable, '-m', 'codseg', *map(str, args)], capture_output=True, text=True,
+                       timeout=timeout, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    return r.returncode, r.stdout + r.stderr
+
+
+def test_cli_a_checkpoint_beside_its_saved_maps(tmp_path, ckpt):
+    "codseg evaluate --save-predictions, then those maps through --pred-dir beside the checkpoint: the same row."
+    base = ['evaluate', '--dataset-path', 'synthetic', '--device', 'cpu']
+    rc, out = codseg_cli(*base, '--checkpoint', ckpt, '--save-predictions', tmp_path/'maps',
+                         '--output', tmp_path/'one', '--num-workers', 0)
+    assert rc == 0, out
+    rc, out = codseg_cli(*base, '--checkpoint', ckpt, '--pred-dir', f"saved={tmp_path/'maps'}:COD10K",
+                         '--output', tmp_path/'cmp', '--num-workers', 2)
+    assert rc == 0 and 'tables and curves written to' in out, out
+    res = json.loads((tmp_path/'cmp'/'results.json').read_text())
+    one = json.loads((tmp_path/'one'/'eval_best_model.json').read_text())['results'][0]
+    flat = [r for r in _rows(res) if r['dataset'] == 'COD10K']
+    assert {r['method'] for r in flat} == {'best_model', 'saved'}, flat
+    for r in flat:
+        for k in ('Sm', 'MAE', 'IoU', 'Dice', 'adpEm', 'maxEm', 'wFm'):
+            assert abs(r[k] - one[k]) < 1e-6, (r['method'], k, r[k], one[k])
+    assert (tmp_path/'cmp'/'results.tex').read_text().count(r'\toprule') >= 1
+
+
+def _rows(res) -> list:
+    "Every row of a results.json, whatever its grouping."
+    if isinstance(res, list): return [r for x in res for r in _rows(x)]
+    if isinstance(res, dict):
+        if 'method' in res and 'dataset' in res: return [res]
+        return [r for v in res.values() for r in _rows(v)]
+    return []
+
+
+def test_cli_refuses_without_a_method_and_a_bad_pred_dir_in_one_line(tmp_path):
+    rc, out = codseg_cli('evaluate', '--dataset-path', 'synthetic')
+    assert rc == 2 and 'give at least one' in out and len(out.strip().splitlines()) == 1, out
+    (tmp_path/'empty').mkdir()
+    rc, out = codseg_cli('evaluate', '--dataset-path', 'synthetic', '--pred-dir', f"x={tmp_path/'empty'}")
+    assert rc == 2 and str(tmp_path/'empty') in out and len(out.strip().splitlines()) == 1, out
