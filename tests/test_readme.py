@@ -65,6 +65,24 @@ def resume_checkpoint(argv: list, d: Path):
     model = build_model(__import__('dataclasses').replace(cfg, pretrained=False))
     torch.save({'model': model.state_dict(), 'config': to_dict(cfg)}, p)
 
+def evaluate_inputs(argv: list, d: Path):
+    """What an `evaluate` command names, where it expects it: a small checkpoint at each --checkpoint, and released
+    maps (the staged test masks, blurred) in each --pred-dir folder, one subfolder per test set."""
+    import cv2, torch
+    from codseg.config import Config, to_dict
+    from codseg.model import build_model
+    from codseg.maps import parse_pred_dir
+    ns = __import__('codseg.flags', fromlist=['x']).evaluate_parser().parse_args(argv)
+    cfg = Config(backbone='edgenext_xx_small', num_experts=3, pretrained=False, img_size=64, num_workers=0)
+    for c in ns.checkpoint or []:
+        if not Path(c).is_file():
+            Path(c).parent.mkdir(parents=True, exist_ok=True)
+            torch.save({'model': build_model(cfg).state_dict(), 'config': to_dict(cfg)}, c)
+    gts = sorted(Path(ns.dataset_path).glob('Test/GT_Object/*.png'))
+    for _, folder, _ in map(parse_pred_dir, ns.pred_dir or []):
+        (Path(folder)/'COD10K').mkdir(parents=True, exist_ok=True)
+        for g in gts: cv2.imwrite(str(Path(folder)/'COD10K'/g.name), cv2.GaussianBlur(cv2.imread(str(g), 0), (9, 9), 3))
+
 def run(argv, env, cwd, timeout=300):
     r = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
     return r.returncode, r.stdout + r.stderr
@@ -98,6 +116,9 @@ def test_shell_block(block, stage, capsys):
             if argv[3:4] == ['train']:
                 resume_checkpoint(argv[4:], d)
                 argv = argv + ['--dry-run', '--num-workers', '0', '--device', 'cpu']
+            if argv[3:4] == ['evaluate']:
+                evaluate_inputs(argv[4:], d)
+                argv = argv + ['--num-workers', '0', '--device', 'cpu']
             rc, out = run(argv, env, ROOT if 'kaggle/push.py' in argv[1:2] else d)
             assert rc == 0 and 'Traceback' not in out, f'{where}: {shlex.join(argv)}\n{out[-3000:]}'
         ran += 1
