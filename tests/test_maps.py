@@ -272,3 +272,31 @@ def test_report_files(field, tmp_path):
     text = format_terminal(results)
     assert text.startswith('CAMO: 8 test images') and 'COD10K: 6 test images' in text and 'Blur on CAMO: 1 test image(s) have no map' in text
     assert set(draw_curves(paths['curves'], tmp_path/'again')) == {'pr_png', 'pr_pdf', 'fm_png', 'fm_pdf'}
+
+
+AFTER_THREADS = '''
+import pathlib, tempfile, numpy as np, cv2, sys
+from concurrent.futures import ThreadPoolExecutor
+from codseg.maps import load_method, score_method
+from codseg.layout import Pair
+assert 'codseg.data' not in sys.modules  # no fork hook of the data module here
+td = pathlib.Path(tempfile.mkdtemp())
+(td/'m'/'S').mkdir(parents=True)
+pairs = []
+for i in range(12):
+    cv2.imwrite(str(td/f'{i}.jpg'), np.zeros((40, 50, 3), np.uint8)); cv2.imwrite(str(td/f'{i}.png'), np.eye(40, 50, dtype=np.uint8) * 255)
+    cv2.imwrite(str(td/'m'/'S'/f'{i}.png'), np.full((20, 25), 9 * i, np.uint8)); pairs.append(Pair(td/f'{i}.jpg', td/f'{i}.png', str(i)))
+big = np.zeros((1500, 1500, 3), np.uint8)
+for _ in range(3):  # the parent uses OpenCV's thread pool from several threads, then starts workers
+    with ThreadPoolExecutor(2) as ex: list(ex.map(lambda _: cv2.resize(big, (700, 600), interpolation=cv2.INTER_AREA), range(4)))
+    one = score_method(load_method('m', td/'m'), {'S': pairs}, workers=1, say=lambda *a: None)
+    assert score_method(load_method('m', td/'m'), {'S': pairs}, workers=2, say=lambda *a: None) == one
+print('ok')
+'''
+
+
+def test_workers_start_after_the_parent_used_opencv_threads():
+    "A forked child of a process that ran OpenCV in parallel hangs in cv2; the workers come from a fork server instead."
+    import subprocess, sys
+    r = subprocess.run([sys.executable, '-c', AFTER_THREADS], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0 and r.stdout.strip() == 'ok', r.stderr[-2000:]
