@@ -300,3 +300,13 @@ def test_workers_start_after_the_parent_used_opencv_threads():
     import subprocess, sys
     r = subprocess.run([sys.executable, '-c', AFTER_THREADS], capture_output=True, text=True, timeout=240)
     assert r.returncode == 0 and r.stdout.strip() == 'ok', r.stderr[-2000:]
+
+
+def test_score_benchmark_smoke(capsys):
+    "Smoke test only (no floor: the figure depends on the load of a shared CPU): score_speed runs and prints its figure."
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]/'benchmarks'))
+    import score_speed
+    score_speed.main(['--n', '6', '--width', '96', '--height', '64', '--repeats', '1', '--workers', '2'])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r'score speedup \(2 workers vs 1 process\): \d+\.\d\dx', last), last
