@@ -14,9 +14,9 @@ from .image import DataError, damage, image_size, read_mask
 from .layout import IMAGE_EXTS, Pair, is_noncam
 
 # %% auto #0
-__all__ = ['PRED_DIR_HELP', 'MAP_EXTS', 'MAP_FIX', 'LAYOUT', 'CHUNK', 'parse_pred_dir', 'pred_flag', 'fit_map', 'read_map',
-           'read_gt', 'Method', 'load_method', 'Matched', 'match_maps', 'score_items', 'result_of', 'score_arrays',
-           'cache_key', 'score_method']
+__all__ = ['PRED_DIR_HELP', 'MAP_EXTS', 'MAP_FIX', 'LAYOUT', 'CHUNK', 'WORKER_PRELOAD', 'parse_pred_dir', 'pred_flag', 'fit_map',
+           'read_map', 'read_gt', 'Method', 'load_method', 'Matched', 'match_maps', 'score_items', 'result_of',
+           'score_arrays', 'cache_key', 'score_method']
 
 # %% ../nbs/06a_maps.ipynb #93f8a0de
 PRED_DIR_HELP = ('NAME=DIR or NAME=DIR:SET, e.g. SINet-V2=maps/SINet-V2 (maps in DIR/<set>/<stem>.png) or '
@@ -181,7 +181,7 @@ def match_maps(method: Method, sets: dict[str, list[Pair]], include_noncam: bool
     return {s: found[s] for s in sets if s in found}, notes  # in the order of `sets`, whatever the folders' order
 
 # %% ../nbs/06a_maps.ipynb #3755720f
-CHUNK = 16  # images per unit of work: the same units with 1 or N workers
+CHUNK = 4  # images per unit of work, the same with 1 or N workers; small, so that N workers share even small sets
 
 def _score_chunk(chunk: list[tuple[Path, Pair]]) -> dict:
     "The SODMeter state of one chunk of (map file, test pair), read and scored here (in a worker process)."
@@ -198,12 +198,22 @@ def _one_thread():
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
 
+WORKER_PRELOAD = ['cv2', 'py_sod_metrics', 'codseg.metrics', 'codseg.maps']  # imported once, by the fork server
+
+def _context():
+    "Where worker processes come from: a fork server (else spawn), never a fork of this process."
+    import multiprocessing as mp
+    if 'forkserver' not in mp.get_all_start_methods(): return mp.get_context('spawn')
+    ctx = mp.get_context('forkserver')
+    ctx.set_forkserver_preload(WORKER_PRELOAD)  # no effect once its server runs
+    return ctx
+
 def _states(chunks: list, workers: int):
     "The chunks' meter states in order: here when `workers` <= 1, else from that many worker processes."
     if workers <= 1 or len(chunks) <= 1:
         yield from map(_score_chunk, chunks)
         return
-    with ProcessPoolExecutor(min(workers, len(chunks)), initializer=_one_thread) as ex:
+    with ProcessPoolExecutor(min(workers, len(chunks)), _context(), initializer=_one_thread) as ex:
         yield from ex.map(_score_chunk, chunks)
 
 def score_items(items: list[tuple[Path, Pair]], workers: int = 1, desc: str = '',

@@ -315,3 +315,40 @@ def test_cli_refuses_without_a_method_and_a_bad_pred_dir_in_one_line(tmp_path):
     (tmp_path/'empty').mkdir()
     rc, out = codseg_cli('evaluate', '--dataset-path', 'synthetic', '--pred-dir', f"x={tmp_path/'empty'}")
     assert rc == 2 and str(tmp_path/'empty') in out and len(out.strip().splitlines()) == 1, out
+
+AFTER_THREADS = '''
+import pathlib, tempfile, numpy as np, cv2, sys
+from concurrent.futures import ThreadPoolExecutor
+from codseg.maps import load_method, score_method
+from codseg.layout import Pair
+assert 'codseg.data' not in sys.modules  # no fork hook of the data module here
+td = pathlib.Path(tempfile.mkdtemp())
+(td/'m'/'S').mkdir(parents=True)
+pairs = []
+for i in range(12):
+    cv2.imwrite(str(td/f'{i}.jpg'), np.zeros((40, 50, 3), np.uint8)); cv2.imwrite(str(td/f'{i}.png'), np.eye(40, 50, dtype=np.uint8) * 255)
+    cv2.imwrite(str(td/'m'/'S'/f'{i}.png'), np.full((20, 25), 9 * i, np.uint8)); pairs.append(Pair(td/f'{i}.jpg', td/f'{i}.png', str(i)))
+big = np.zeros((1500, 1500, 3), np.uint8)
+for _ in range(3):  # the parent uses OpenCV's thread pool from several threads, then starts workers
+    with ThreadPoolExecutor(2) as ex: list(ex.map(lambda _: cv2.resize(big, (700, 600), interpolation=cv2.INTER_AREA), range(4)))
+    one = score_method(load_method('m', td/'m'), {'S': pairs}, workers=1, say=lambda *a: None)
+    assert score_method(load_method('m', td/'m'), {'S': pairs}, workers=2, say=lambda *a: None) == one
+print('ok')
+'''
+
+
+def test_workers_start_after_the_parent_used_opencv_threads():
+    "A forked child of a process that ran OpenCV in parallel hangs in cv2; the workers come from a fork server instead."
+    import subprocess, sys
+    r = subprocess.run([sys.executable, '-c', AFTER_THREADS], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0 and r.stdout.strip() == 'ok', r.stderr[-2000:]
+
+
+def test_score_benchmark_smoke(capsys):
+    "Smoke test only (no floor: the figure depends on the load of a shared CPU): score_speed runs and prints its figure."
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]/'benchmarks'))
+    import score_speed
+    score_speed.main(['--n', '6', '--width', '96', '--height', '64', '--repeats', '1', '--workers', '2'])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r'score speedup \(2 workers vs 1 process\): \d+\.\d\dx', last), last
