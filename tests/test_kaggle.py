@@ -2,6 +2,7 @@
 kernel notebook run headless (execnb) on a fake `/kaggle/input` built from the synthetic dataset."""
 import json, os, re, shutil, subprocess, sys, textwrap
 from pathlib import Path
+import cv2
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,8 +177,12 @@ def fresh(tmp_path_factory):
     "One tiny fresh session of the kernel: (input, working, shell, output text, input snapshot before)."
     root = tmp_path_factory.mktemp('fresh')
     inp, work = fake_kaggle(root)
+    maps = inp/'sinet-v2-maps'/'COD10K'  # a method's released maps attached as a dataset: the masks, blurred
+    maps.mkdir(parents=True)
+    for g in (inp/'cod10k-dataset'/'COD10K-v3'/'Test'/'GT_Object').glob('*.png'):
+        cv2.imwrite(str(maps/g.name), cv2.GaussianBlur(cv2.imread(str(g), cv2.IMREAD_GRAYSCALE), (9, 9), 3))
     before = snapshot(inp)
-    sh, out = run_kernel(inp, work, **TINY)
+    sh, out = run_kernel(inp, work, {'PRED_DIRS': {'SINet-V2': str(inp/'sinet-v2-maps')}}, **TINY)
     return inp, work, sh, out, before
 
 def test_kernel_runs_headless(fresh):
@@ -193,6 +198,9 @@ def test_kernel_runs_headless(fresh):
     assert 'COD10K' in table and (res / 'eval_best_model.csv').is_file() and (res / 'eval_best_model.json').is_file()
     rows = (res / 'eval_best_model.csv').read_text().splitlines()
     assert len(rows) == 2 and rows[1].startswith('COD10K,4,'), rows  # the 4 synthetic test images, camouflaged only
+    cmp = res / 'compare'  # PRED_DIRS: the released maps scored beside the checkpoint, tables and curves
+    table = (cmp / 'results.md').read_text()
+    assert 'SINet-V2' in table and 'best_model' in table and (cmp / 'pr_curves.png').is_file(), table
     assert 'starting a new run' in out and epochs_printed(out) == [1, 2], out
     check = sh.user_ns['check']  # data-check ran with the training settings and its JSON was read
     assert check['seed'] == TINY['seed'] == sh.user_ns['cfg'].seed and check['val_fraction'] == sh.user_ns['cfg'].val_fraction
