@@ -110,8 +110,9 @@ class HistoryCB(Callback):
         write_history(learn.history, self.out)
 
 def guide_lr(lr):
-    "An LR as the guide prints it (6 decimals), in scientific notation below 1e-6, where 6 decimals would show 0."
-    return f'{lr:.6f}' if lr >= 1e-6 or lr == 0 else f'{lr:.3e}'
+    "An LR as the guide prints it, in fixed point: 6 decimals; below 1e-6 as many as its first 4 digits need."
+    if lr >= 1e-6 or lr == 0: return f'{lr:.6f}'
+    return f'{lr:.{3 - math.floor(math.log10(lr))}f}'.rstrip('0')  # not 0.000000, and never in another notation
 
 def epoch_line(r):
     "The guide's epoch line for history row `r`, with stage, time and any skipped steps (run so far) after the LR."
