@@ -137,12 +137,18 @@ T.train = _small
 def test_python_block(block, stage):
     "Each Python block runs in a Jupyter kernel (execnb) without an error (train with small data on the CPU)."
     from execnb.shell import CaptureShell
+    import codseg.train as T
     where, _, text, _ = block
     d, env = stage
-    sh = CaptureShell()
+    # the kernel runs in this process: its stand-in train and its cache folder are undone after
+    sh, train, cache = CaptureShell(), T.train, os.environ.get('CODSEG_CACHE')
     try:
         sh.run(SETUP.format(cwd=str(d/'nb'), cache=env['CODSEG_CACHE']).replace("os.chdir(", "os.makedirs({0!r}, exist_ok=True); os.chdir(".format(str(d/'nb'))))
         assert not sh.exc, sh.exc
         sh.run(text)
         assert not sh.exc, f'{where}: {sh.exc!r}'
-    finally: os.chdir(ROOT)
+    finally:
+        os.chdir(ROOT)
+        T.train = train  # later tests in this process (train_cli included) get the real one
+        if cache is None: os.environ.pop('CODSEG_CACHE', None)
+        else: os.environ['CODSEG_CACHE'] = cache
