@@ -175,8 +175,8 @@ def match_maps(method: Method, sets: dict[str, list[Pair]], include_noncam: bool
         raise UsageError(f'{method.flag}: none of its folders ({", ".join(notes)}) is a test set of the dataset '
                          f'({", ".join(sets)}): name the folders after the sets, or pass {method.flag}:SET')
     notes = [f'{method.name}: folder(s) matching no test set, left out: {", ".join(notes)}'] if notes else []
-    empty = [s for s in sets if any(e.lower() == s.lower() for e in method.empty)]
-    if empty: raise UsageError(f'{method.flag}: {method.root/empty[0]} holds no maps: add them, or remove the folder')
+    if empty := [e for e in method.empty if any(e.lower() == s.lower() for s in sets)]:
+        raise UsageError(f'{method.flag}: {method.root/empty[0]} holds no maps: add them, or remove the folder')
     if none := [s for s in sets if s not in found]: notes.append(f'{method.name}: no maps for {", ".join(none)}')
     return {s: found[s] for s in sets if s in found}, notes  # in the order of `sets`, whatever the folders' order
 

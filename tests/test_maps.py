@@ -190,7 +190,7 @@ def test_cache_reads_back_and_scores_only_what_changed(field, tmp_path, monkeypa
 @pytest.mark.parametrize('case, want', [
     ('missing', 'no such folder'), ('file', 'is a file, not a folder'), ('empty', 'holds no maps'),
     ('no-maps', 'holds no maps'), ('flat-many', 'name the set'), ('unknown-set', 'no test set NC4K'),
-    ('wrong-names', 'none of the 2 maps'), ('empty-set-folder', 'holds no maps: add them'),
+    ('wrong-names', 'none of the 2 maps'), ('empty-set-folder', '/cod10k holds no maps: add them'),
     ('no-set-folder', 'none of its folders')])
 def test_bad_folders_are_one_line_exit_2(field, tmp_path, case, want):
     root, gts, grey = field
@@ -202,7 +202,7 @@ def test_bad_folders_are_one_line_exit_2(field, tmp_path, case, want):
     if case == 'flat-many': d = root/'Noise'/'CAMO'
     if case == 'unknown-set': d, s = root/'Noise'/'CAMO', 'NC4K'
     if case == 'wrong-names': (d/'CAMO').mkdir(); [cv2.imwrite(str(d/'CAMO'/f'{i}.png'), np.zeros((4, 4), np.uint8)) for i in 'ab']
-    if case == 'empty-set-folder': write_method(d/'x', gts, {'CAMO': CAMO}, 0, False); d = d/'x'; (d/'COD10K').mkdir()
+    if case == 'empty-set-folder': write_method(d/'x', gts, {'CAMO': CAMO}, 0, False); d = d/'x'; (d/'cod10k').mkdir()
     if case == 'no-set-folder': write_method(d, gts, {'SOMETHING': CAMO}, 0, False)
     with pytest.raises(UsageError) as e:
         score_method(load_method('Net', d, s), sets, say=lambda *a: None)
